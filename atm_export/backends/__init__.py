@@ -1,0 +1,1 @@
+"""Backends that run exported models: ONNX Runtime and TensorRT (imported lazily)."""

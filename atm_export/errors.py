@@ -1,0 +1,13 @@
+"""Errors that are the user's to fix: the CLI prints them as one line and exits non-zero."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input or environment, with the way out in its message."""
+
+    exit_code = 2
+
+
+class ParityError(Exception):
+    """A backend's outputs disagree with eager PyTorch beyond the tolerance."""
+
+    exit_code = 3

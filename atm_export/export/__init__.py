@@ -1,0 +1,1 @@
+"""Exporters: ONNX in two flavours (TokenMerge custom op; standard-op lowering)."""

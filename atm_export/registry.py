@@ -1,0 +1,117 @@
+"""The model registry: short names, timm names and ATM presets, read from models/registry.toml."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+from .errors import UserError
+from .schedule import MergeConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: MergeConfig
+    source: str
+    gflops: float | None = None
+    top1: float | None = None
+    borrowed_from: str | None = None  # presets of another model, not validated on this one
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "source": self.source, "paper_gflops": self.gflops, "paper_top1": self.top1}
+        if self.borrowed_from:
+            d["borrowed_from"] = self.borrowed_from
+            d["note"] = (f"the paper did not evaluate this model; these are {self.borrowed_from}'s settings, "
+                         "a starting point rather than a validated operating point")
+        return d
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    timm_name: str
+    short_name: str | None = None
+    timm_kwargs: dict = field(default_factory=dict)
+    paper_model: str | None = None
+    baseline_gflops: float | None = None
+    baseline_top1: float | None = None
+    hub: bool = True
+    hub_note: str | None = None
+    presets: dict[str, Preset] = field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.short_name or self.timm_name
+
+    def preset(self, name: str) -> Preset:
+        if name in self.presets:
+            return self.presets[name]
+        if not self.presets:
+            raise UserError(f"{self.display_name} has no presets; give the settings instead "
+                            "(e.g. --alpha 0.99 --beta 0.04 --theta-min 0.88)")
+        raise UserError(f"{self.display_name} has no preset {name!r}; its presets: {', '.join(self.presets)}")
+
+
+def _parse_presets(raw: dict, borrowed_from: str | None) -> dict[str, Preset]:
+    presets = {}
+    for name, p in raw.items():
+        config = MergeConfig(
+            policy=p.get("policy", "atm"),
+            alpha=float(p.get("alpha", 0.99)),
+            beta=float(p.get("beta", 0.04)),
+            theta_min=float(p.get("theta_min", 0.88)),
+            split_layer=p.get("split_layer"),
+        )
+        presets[name] = Preset(name, config, p["source"], p.get("gflops"), p.get("top1"), borrowed_from)
+    return presets
+
+
+@lru_cache(maxsize=1)
+def load_registry() -> dict[str, ModelEntry]:
+    """All registered models by short name."""
+    text = resources.files("atm_export.models_data").joinpath("registry.toml").read_text()
+    raw = tomllib.loads(text)
+    entries = {}
+    for short, spec in raw.items():
+        source = spec.get("presets_from")
+        presets = _parse_presets(raw[source].get("presets", {}) if source else spec.get("presets", {}), source)
+        entries[short] = ModelEntry(
+            timm_name=spec["timm_name"],
+            short_name=short,
+            timm_kwargs=dict(spec.get("timm_kwargs", {})),
+            paper_model=spec.get("paper_model"),
+            baseline_gflops=spec.get("baseline_gflops"),
+            baseline_top1=spec.get("baseline_top1"),
+            hub=spec.get("hub", True),
+            hub_note=spec.get("hub_note"),
+            presets=presets,
+        )
+    return entries
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def resolve_model(name: str) -> ModelEntry:
+    """A short name (``deit_s``), a registered timm name, or any timm model name."""
+    registry = load_registry()
+    if name in registry:
+        return registry[name]
+    for entry in registry.values():
+        if entry.timm_name == name:
+            return entry
+    import timm
+
+    base = name.split(".", 1)[0]
+    if timm.is_model(base):
+        return ModelEntry(timm_name=name)
+    candidates = list(registry) + _timm_names()
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `atm-export models` for the registered names"
+    raise UserError(f"unknown model {name!r}{hint}")

@@ -1,0 +1,75 @@
+"""Shared fixtures: small timm models (random weights, seeded) and inputs that make merging happen."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach a model hub; the pipeline's hub path is tested for its error instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The three model kinds every test of patching and export runs on.
+TINY_MODELS = {
+    "deit_tiny": ("deit_tiny_patch16_224", {}),
+    "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "vit_tiny_gap": ("vit_tiny_patch16_224", {"global_pool": "avg", "fc_norm": True}),  # MAE-style head
+}
+
+
+def make_model(key: str, seed: int = 0):
+    import timm
+
+    name, kwargs = TINY_MODELS[key]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return {key: make_model(key) for key in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def flat_images():
+    """Preprocessed built-in scenes (flat regions and objects): merging happens on these."""
+    from atm_export.images import builtin_images, preprocess
+
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    return preprocess(builtin_images(8), model)
+
+
+@pytest.fixture(scope="session")
+def noise_batch():
+    from atm_export.images import noise_images, preprocess
+
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    return preprocess(noise_images(4), model)
+
+
+def merging_inputs(batch=3, n=21, c=6, d=32, num_protected=1, seed=0, near=(0.02, 0.5)):
+    """Token tensors where some A tokens are near copies of a B token (so merging happens).
+
+    Near copies get distinct noise levels, so that their similarities are well separated and
+    float32 and float64 rank them alike.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, c, generator=g)
+    metric = torch.randn(batch, n, d, generator=g)
+    size = torch.randint(1, 5, (batch, n), generator=g).float()
+    m = n - num_protected
+    for bi in range(batch):
+        a_positions = list(range(num_protected, n, 2))
+        for k, a in enumerate(a_positions[: (m + 1) // 2 - 1]):
+            if k % 3 == 2:
+                continue  # leave some tokens unlike everything
+            partner = num_protected + 1 + 2 * ((k * 5 + bi) % (m // 2))
+            scale = near[0] + (near[1] - near[0]) * (k + 1) / len(a_positions)
+            metric[bi, a] = metric[bi, partner] + scale * torch.randn(d, generator=g)
+    return x, size, metric

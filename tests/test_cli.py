@@ -1,0 +1,110 @@
+"""The command line, as a user runs it: reports, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from atm_export.cli import main
+
+BASE = ["deit_t", "--random-init", "--quiet"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_has_the_core_fields(tmp_path, capsys):
+    code, out, _ = run_cli([*BASE, "--preset", "lossless", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    for key in ("model", "timm_name", "preset", "params", "weights", "gflops", "tokens_per_layer"):
+        assert key in report
+    assert report["model"] == "deit_t" and report["timm_name"] == "deit_tiny_patch16_224"
+    assert report["params"]["alpha"] == 0.995 and len(report["params"]["thresholds"]) == 12
+    assert report["weights"]["source"] == "random" and "RANDOM WEIGHTS" in report["warning"]
+    assert report["gflops"]["baseline"] == pytest.approx(1.2556, abs=1e-4)
+    assert report["gflops"]["atm"] < report["gflops"]["baseline"]
+    assert len(report["tokens_per_layer"]) == 12 and report["tokens_per_layer"][0] == 197
+    assert "RANDOM WEIGHTS" in (tmp_path / "o" / "report.md").read_text()
+    leftovers = [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "no staging directory is left behind"
+
+
+def test_user_images_and_explicit_settings(tmp_path, capsys):
+    from atm_export.images import builtin_images
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, img in enumerate(builtin_images(3)):
+        img.save(images / f"{i}.png")
+    code, out, _ = run_cli([*BASE, "--images", str(images), "--policy", "tome", "--r", "4",
+                            "-o", str(tmp_path / "o")], capsys)
+    assert code == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["images"]["count"] == 3 and report["preset"] is None
+    assert report["tokens_per_layer"][:3] == [197, 193, 189]
+
+
+def test_existing_artifacts_need_force(tmp_path, capsys):
+    out_dir = str(tmp_path / "o")
+    assert run_cli([*BASE, "-o", out_dir], capsys)[0] == 0
+    code, _, err = run_cli([*BASE, "-o", out_dir], capsys)
+    assert code == 2 and "--force" in err
+    assert run_cli([*BASE, "-o", out_dir, "--force"], capsys)[0] == 0
+
+
+def _not_writable_dir(tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere; a path under a file cannot be created by anyone
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        return str(blocker / "out")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return str(locked / "out")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["deit_sm", "--random-init"], "did you mean deit_s"),
+    (["resnet18", "--random-init", "--alpha", "0.9"], "not a supported ViT"),
+    (["deit_t", "--random-init", "--preset", "turbo"], "has no preset 'turbo'"),
+    (["deit_t", "--random-init", "--alpha", "1.5"], "alpha must be a similarity threshold in [0, 1]"),
+    (["deit_t", "--random-init", "--theta-min", "-0.2"], "theta_min must be"),
+    (["deit_t", "--random-init", "--policy", "tome", "--r", "-3"], "must not be negative"),
+    (["deit_t", "--random-init", "--policy", "tome", "--r", "a,b"], "expected integers"),
+    (["deit_t", "--random-init", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["deit_t", "--random-init", "--images", "/nonexistent-dir"], "not a directory"),
+    (["deit_t", "--weights", "/nonexistent.pth"], "weights file not found"),
+    (["deit_t", "--weights", "/nonexistent.pth", "--random-init"], "not both"),
+    (["vit_base_patch16_384", "--random-init"], "has no presets"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
+    code, _, err = run_cli([*args, "-q", "-o", str(tmp_path / "o")], capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("atm-export: error:") and message in lines[0], err
+    assert not (tmp_path / "o").exists(), "a failed run leaves no output directory behind"
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    code, _, err = run_cli([*BASE, "-o", _not_writable_dir(tmp_path)], capsys)
+    assert code == 2 and "cannot write to output directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed entry point (not just main()) returns the status and prints no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "atm_export.cli", "deit_sm"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "did you mean" in proc.stderr
+
+
+def test_models_command_lists_presets(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0 and "deit_s" in out and "lossless" in out
