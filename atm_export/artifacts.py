@@ -20,9 +20,7 @@ from .errors import UserError
 ARTIFACT_NAMES = (
     "model.onnx",
     "model.plugin.onnx",
-    "model.baseline.onnx",
     "model.engine",
-    "tokens.json",
     "report.md",
     "report.json",
 )

@@ -48,6 +48,22 @@ def cli():
     """Deploy timm Vision Transformers accelerated by Adaptive Token Merging (ATM)."""
 
 
+def _statuses(parity: dict) -> str:
+    return ", ".join(f"{name} {result['status']}" for name, result in parity.items()) or "not run"
+
+
+def _parse_ints(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise click.BadParameter(f"expected batch sizes of at least 1, got {value!r}")
+    return numbers
+
+
 @cli.command("export")
 @click.argument("model")
 @click.option("--preset", help="Preset from models/registry.toml (default: lossless). See `atm-export models`.")
@@ -64,20 +80,44 @@ def cli():
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sample batch size.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (default: atm-out/MODEL-PRESET, or atm-out/MODEL).")
 @click.option("--force", is_flag=True, help="Replace the artifacts of an earlier run in the output directory.")
+@click.option("--onnx/--no-onnx", "export", default=True, show_default=True, help="Export ONNX (both flavours) and check it.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--parity-batches", callback=_parse_ints, default="1,3", show_default=True,
+              help="Batch sizes checked besides the sample batch.")
+@click.option("--strict-parity", is_flag=True, help="Fail also when a count differs only because a similarity sits on a threshold.")
+@click.option("--benchmark/--no-benchmark", default=True, show_default=True, help="Measure latency.")
+@click.option("--bench-batches", callback=_parse_ints, default="1,8,32", show_default=True, help="Benchmark batch sizes.")
+@click.option("--bench-runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per measurement.")
+@click.option("--bench-schedule", help="Replay a fixed token schedule: gflops:3.2, a report.json, or 197,180,...")
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True, help="Build and check a TensorRT engine when TensorRT is installed.")
+@click.option("--trt-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--trt-plugin", type=click.Path(dir_okay=False), help="TokenMerge plugin library (default: the one `atm-export build-plugin` built).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def export_cmd(model, preset, policy, alpha, beta, theta_min, split_layer, r, prop_attn, weights, random_init,
-               images, batch_size, output, force, quiet):
-    """Patch MODEL with ATM, run it on sample images and write a report."""
+def export_cmd(model, preset, output, quiet, **kw):
+    """Patch MODEL with ATM, export ONNX, check every backend against eager PyTorch, benchmark, report."""
     from .pipeline import JobOptions, run_job
     from .progress import Progress
 
-    overrides = {"policy": policy, "alpha": alpha, "beta": beta, "theta_min": theta_min,
-                 "split_layer": split_layer, "r": r, "prop_attn": prop_attn}
+    overrides = {k: kw.pop(k) for k in ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn")}
     output = Path(output) if output else Path("atm-out") / (f"{model}-{preset}" if preset else model)
-    opts = JobOptions(model=model, output=output, preset=preset, overrides=overrides, weights=weights,
-                      random_init=random_init, images=images, batch_size=batch_size, force=force)
+    opts = JobOptions(model=model, output=output, preset=preset, overrides=overrides, **kw)
     report = run_job(opts, Progress(enabled=not quiet))
-    click.echo(f"wrote {output / 'report.json'} (GFLOPs {report['gflops']['baseline']:.2f} -> {report['gflops']['atm']:.2f})")
+    g = report["gflops"]
+    click.echo(f"wrote {output} (GFLOPs {g['baseline']:.2f} -> {g['atm']:.2f}; parity: {_statuses(report.get('parity', {}))})")
+
+
+@cli.command("check")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--weights", type=click.Path(dir_okay=False), help="The checkpoint the artifacts were made from, if it moved.")
+@click.option("--strict-parity", is_flag=True, help="Fail also on counts that differ only at a threshold.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def check_cmd(directory, weights, strict_parity, quiet):
+    """Re-validate the artifacts in DIRECTORY against eager PyTorch (for users' CI); non-zero on failure."""
+    from .check import check_artifacts
+    from .progress import Progress
+
+    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, progress=Progress(enabled=not quiet))
+    click.echo(f"{directory}: parity passed ({_statuses(result)})")
 
 
 @cli.command("models")

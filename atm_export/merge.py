@@ -85,20 +85,28 @@ def split_tokens(size: torch.Tensor, num_protected: int, mode: str) -> Split:
     raise ValueError(f"unknown split mode {mode!r}; expected one of {SPLIT_MODES}")
 
 
-def match(metric: torch.Tensor, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+def match(metric: torch.Tensor, split: Split, runner_up: bool = False):
     """Best partner in B for every token of A.
 
     metric: [B, N, D]. Returns score [B, Na] (cosine similarity, clamped to [-1, 1]) and
-    dst [B, Na] (position in B of the best partner; the first one on ties).
+    dst [B, Na] (position in B of the best partner; the first one on ties). With
+    ``runner_up``, also the gap [B, Na] between the best and the second-best similarity
+    (a diagnostic: a tiny gap is a choice that float rounding can flip).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
     ma, mb = split.select(metric)
     if mb.shape[1] == 0:  # a single unprotected token is left: nothing to merge it into
         empty = ma.new_full(ma.shape[:2], -1.0)
-        return empty, torch.zeros(ma.shape[:2], dtype=torch.int64, device=ma.device)
+        dst = torch.zeros(ma.shape[:2], dtype=torch.int64, device=ma.device)
+        return (empty, dst, torch.full_like(empty, float("inf"))) if runner_up else (empty, dst)
     sim = (ma @ mb.transpose(1, 2)).clamp_(-1.0, 1.0)
     score, dst = sim.max(dim=-1)
-    return score, dst
+    if not runner_up:
+        return score, dst
+    if sim.shape[-1] < 2:
+        return score, dst, torch.full_like(score, float("inf"))
+    top2 = sim.topk(2, dim=-1).values
+    return score, dst, top2[..., 0] - top2[..., 1]
 
 
 def count_above(score: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -123,16 +131,22 @@ def fixed_r(r: int, num_a: int, num_b: int) -> int:
 
 @dataclass
 class MergePlan:
-    """Which tokens merge where, for one merge step.
+    """Which tokens merge where, for one merge step, as indices into the input tokens.
 
-    src: [B, r] positions in A that are merged away; dst: [B, r] their partners' positions
-    in B; unm: [B, Na - r] positions in A that stay, best-matched first.
+    src: [B, r] positions in A that are merged away, best-matched first; dst: [B, r] their
+    partners' positions in B; unm: [B, Na - r] positions in A that stay, in A's order.
+    out_index: [B, N - r] the input token behind every output token (the output order);
+    src_token / dst_slot: [B, r] each merged source's input token, and the output position of
+    the partner it merges into.
     """
 
     split: Split
     src: torch.Tensor
     dst: torch.Tensor
     unm: torch.Tensor
+    out_index: torch.Tensor
+    src_token: torch.Tensor
+    dst_slot: torch.Tensor
 
     @property
     def r(self) -> int:
@@ -140,37 +154,56 @@ class MergePlan:
 
 
 def plan_merge(split: Split, score: torch.Tensor, dst: torch.Tensor, r: int) -> MergePlan:
-    """Merge the r best-matched A tokens of every image (ties: lower position first)."""
+    """Merge the r best-matched A tokens of every image (ties: lower position first).
+
+    The kept A tokens stay in A's order: only which tokens merge depends on the scores, so
+    near-equal scores cannot reorder the tokens that later blocks split.
+    """
+    batch = score.shape[0]
+    p = split.num_protected
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
     src = order[:, :r]
-    return MergePlan(split, src, dst.gather(1, src), order[:, r:])
+    unm = order[:, r:].sort(dim=1).values
+    dst_src = dst.gather(1, src)
+    protected = torch.arange(p, device=score.device).expand(batch, p)
+    out_index = torch.cat([protected, split.a.gather(1, unm), split.b], dim=1)
+    dst_slot = dst_src + (p + unm.shape[1])
+    return MergePlan(split, src, dst_src, unm, out_index, split.a.gather(1, src), dst_slot)
+
+
+def boundary_gap(score: torch.Tensor, r: int) -> float:
+    """Smallest gap, over the batch, between the r-th and (r+1)-th best score (a diagnostic)."""
+    if r <= 0 or r >= score.shape[1]:
+        return float("inf")
+    ranked = score.topk(r + 1, dim=1).values
+    return float((ranked[:, r - 1] - ranked[:, r]).min())
 
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge. x: [B, N, C], size: [B, N] -> [B, N - r, C], [B, N - r].
 
-    Output order: protected tokens, kept A tokens (best-matched first), B tokens.
+    Output order: protected tokens, kept A tokens (in A's order), B tokens. One gather puts
+    every token in its output place; then each partner b that receives sources i becomes
+    x_b + sum_i size_i (x_i - x_b) / size'_b, the weighted average, touching only those rows.
     """
-    p = plan.split.num_protected
-    xa, xb = plan.split.select(x)
-    sa, sb = plan.split.select(size)
-    src_size = sa.gather(1, plan.src)
-    size_b = sb.scatter_add(1, plan.dst, src_size)
-    weighted_src = take(xa, plan.src) * src_size.unsqueeze(-1)
-    dst_index = plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    xb = (xb * sb.unsqueeze(-1)).scatter_add_(1, dst_index, weighted_src) / size_b.unsqueeze(-1)
-    x_out = torch.cat([x[:, :p], take(xa, plan.unm), xb], dim=1)
-    size_out = torch.cat([size[:, :p], sa.gather(1, plan.unm), size_b], dim=1)
+    x_out = take(x, plan.out_index)
+    size_out = size.gather(1, plan.out_index)
+    if plan.r == 0:
+        return x_out, size_out
+    src_size = size.gather(1, plan.src_token)
+    size_out.scatter_add_(1, plan.dst_slot, src_size)
+    weight = (src_size / size_out.gather(1, plan.dst_slot)).unsqueeze(-1).to(x.dtype)
+    delta = (take(x, plan.src_token) - take(x_out, plan.dst_slot)) * weight
+    x_out.scatter_add_(1, plan.dst_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta)
     return x_out, size_out
 
 
 def merge_summed(plan: MergePlan, t: torch.Tensor) -> torch.Tensor:
     """Apply a plan by summing instead of averaging (e.g. source maps). t: [B, N, K]."""
-    p = plan.split.num_protected
-    ta, tb = plan.split.select(t)
-    dst_index = plan.dst.unsqueeze(-1).expand(-1, -1, t.shape[-1])
-    tb = tb.scatter_add(1, dst_index, take(ta, plan.src))
-    return torch.cat([t[:, :p], take(ta, plan.unm), tb], dim=1)
+    out = take(t, plan.out_index)
+    if plan.r:
+        out.scatter_add_(1, plan.dst_slot.unsqueeze(-1).expand(-1, -1, t.shape[-1]), take(t, plan.src_token))
+    return out
 
 
 @dataclass
@@ -183,6 +216,7 @@ class MergeStep:
     counts: torch.Tensor | None  # [B] pairs above the threshold (None for a fixed r)
     margin: float | None  # min |score - threshold| over the batch (None for a fixed r)
     plan: MergePlan
+    tie_gap: float | None = None  # with diagnostics: the closest call among the choices made
 
 
 def token_merge(
@@ -194,17 +228,22 @@ def token_merge(
     r: int | None = None,
     split_mode: str = ALTERNATE,
     num_protected: int = 1,
+    diagnostics: bool = False,
 ) -> MergeStep:
     """One ATM merge step: the TokenMerge op of docs/token-merge-op.md.
 
     x: [B, N, C]; size: [B, N]; metric: [B, N, D]. Exactly one of ``threshold`` (batch-adaptive
-    r) and ``r`` (fixed r) is given.
+    r) and ``r`` (fixed r) is given. ``diagnostics`` also measures ``tie_gap``: the smallest
+    gap between a choice made (which tokens merge, and into which partner) and its runner-up.
     """
     if (threshold is None) == (r is None):
         raise ValueError("give exactly one of threshold (adaptive) and r (fixed)")
     split = split_tokens(size, num_protected, split_mode)
     na, nb = split.a.shape[1], split.b.shape[1]
-    score, dst = match(metric, split)
+    if diagnostics:
+        score, dst, partner_gap = match(metric, split, runner_up=True)
+    else:
+        score, dst = match(metric, split)
     counts = margin = None
     if threshold is not None:
         counts = count_above(score, threshold)
@@ -214,4 +253,8 @@ def token_merge(
         n_merge = fixed_r(r, na, nb)
     plan = plan_merge(split, score, dst, n_merge)
     x_out, size_out = merge_weighted(plan, x, size)
-    return MergeStep(x_out, size_out, n_merge, counts, margin, plan)
+    tie_gap = None
+    if diagnostics:
+        merged_gap = float(partner_gap.gather(1, plan.src).min()) if plan.src.numel() else float("inf")
+        tie_gap = min(merged_gap, boundary_gap(score, n_merge))
+    return MergeStep(x_out, size_out, n_merge, counts, margin, plan, tie_gap)

@@ -62,19 +62,36 @@ class RunStats:
     counts_per_layer: per image, pairs above the block's threshold (None: no adaptive step).
     margin_per_layer: smallest |similarity - threshold| in the batch (None: no adaptive step);
         a tiny margin means another backend's rounding may change that block's count.
+    tie_gap_per_layer: with ``diagnostics``, the smallest gap between a choice the block made
+        (which tokens merge, into which partner) and its runner-up (None: not measured).
     per_image_tokens: tokens entering each block, for every image.
     per_image_r: pairs merged by each block, for every image.
     sources: [B, N, N0] which input patches each token holds (only with ``trace_source``),
         taken before the last block of class-token models drops the image tokens.
+    steps: with ``diagnostics``, every merge step's inputs and choices (for parity checks).
     """
 
     tokens_per_layer: list[float]
     r_per_layer: list[float]
     counts_per_layer: list[list[int] | None]
     margin_per_layer: list[float | None]
+    tie_gap_per_layer: list[float | None]
     per_image_tokens: list[list[int]]
     per_image_r: list[list[int]]
     sources: torch.Tensor | list[torch.Tensor] | None = None
+    steps: list["RecordedStep"] = field(default_factory=list)
+
+
+@dataclass
+class RecordedStep:
+    """One merge step of a diagnostic run: its block, settings, inputs and choices."""
+
+    block: int  # 0-based
+    spec: StepSpec
+    x: torch.Tensor
+    size: torch.Tensor
+    metric: torch.Tensor
+    plan: M.MergePlan
 
 
 @dataclass
@@ -83,7 +100,15 @@ class _Trace:
     r: list[int] = field(default_factory=list)
     counts: list[list[int] | None] = field(default_factory=list)
     margins: list[float | None] = field(default_factory=list)
+    tie_gaps: list[float | None] = field(default_factory=list)
     sources: torch.Tensor | None = None
+    steps: list[RecordedStep] = field(default_factory=list)
+
+    def no_step(self) -> None:
+        self.r.append(0)
+        self.counts.append(None)
+        self.margins.append(None)
+        self.tie_gaps.append(None)
 
 
 class ATMVisionTransformer(nn.Module):
@@ -92,7 +117,8 @@ class ATMVisionTransformer(nn.Module):
     ``forward(images)`` returns what the timm model returns (logits); the merge statistics of
     the last call are in ``last_stats``. With ``use_op=True`` every merge step goes through the
     ``atm_export::token_merge`` custom op (the exported form) and ``forward_export`` returns
-    ``(logits, tokens_per_layer)`` as tensors.
+    ``(logits, tokens_per_layer)`` as tensors. With ``diagnostics`` set, every merge step
+    also measures how close its choices came to their runner-ups (for parity checks).
     """
 
     def __init__(self, vit: nn.Module, config: MergeConfig, *, trace_source: bool = False):
@@ -108,6 +134,7 @@ class ATMVisionTransformer(nn.Module):
         self.prop_attn = self.class_token_head if config.prop_attn is None else bool(config.prop_attn)
         self.steps: list[StepSpec | None] = config.steps(self.depth, merge_in_last_block=not self.class_token_head)
         self.trace_source = trace_source
+        self.diagnostics = False
         self.exporting = False
         self.last_stats: RunStats | None = None
 
@@ -159,14 +186,14 @@ class ATMVisionTransformer(nn.Module):
             trace.tokens.append(x.shape[1])
             if i == self.depth - 1 and self.class_token_head:
                 x = self._prefix_block(blk, x, size)
-                trace.r.append(0), trace.counts.append(None), trace.margins.append(None)
+                trace.no_step()
                 continue
             h, metric = self._attention(blk.attn, blk.norm1(x), size)
             x = x + blk.drop_path1(blk.ls1(h))
             if step is not None:
                 x, size = self._merge(x, size, metric, step, trace)
             else:
-                trace.r.append(0), trace.counts.append(None), trace.margins.append(None)
+                trace.no_step()
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         logits = self._head(vit.norm(x), size)
         stats = RunStats(
@@ -174,6 +201,8 @@ class ATMVisionTransformer(nn.Module):
             r_per_layer=[float(r) for r in trace.r],
             counts_per_layer=trace.counts,
             margin_per_layer=trace.margins,
+            tie_gap_per_layer=trace.tie_gaps,
+            steps=trace.steps,
             per_image_tokens=[list(trace.tokens) for _ in range(batch)],
             per_image_r=[list(trace.r) for _ in range(batch)],
             sources=trace.sources,
@@ -195,12 +224,16 @@ class ATMVisionTransformer(nn.Module):
                 x, size, metric,
                 threshold=step.threshold, r=step.r,
                 split_mode=step.split_mode, num_protected=self.num_protected,
+                diagnostics=self.diagnostics,
             )
             if trace.sources is not None:
                 trace.sources = M.merge_summed(out.plan, trace.sources)
         trace.r.append(out.r)
         trace.counts.append(None if out.counts is None else [int(c) for c in out.counts])
         trace.margins.append(out.margin)
+        trace.tie_gaps.append(out.tie_gap)
+        if self.diagnostics:
+            trace.steps.append(RecordedStep(len(trace.tokens) - 1, step, x, size, metric, out.plan))
         return out.x, out.size
 
     def _fused(self, attn: nn.Module) -> bool:
@@ -265,6 +298,11 @@ class ATMVisionTransformer(nn.Module):
         return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 
+def _min_or_none(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
 def _combine_stats(stats: list[RunStats]) -> RunStats:
     """Per-image runs (batch of 1 each) -> one RunStats with batch-mean counts."""
     n = len(stats)
@@ -276,10 +314,8 @@ def _combine_stats(stats: list[RunStats]) -> RunStats:
             None if stats[0].counts_per_layer[i] is None else [c for s in stats for c in s.counts_per_layer[i]]
             for i in range(depth)
         ],
-        margin_per_layer=[
-            None if stats[0].margin_per_layer[i] is None else min(s.margin_per_layer[i] for s in stats)
-            for i in range(depth)
-        ],
+        margin_per_layer=[_min_or_none(s.margin_per_layer[i] for s in stats) for i in range(depth)],
+        tie_gap_per_layer=[_min_or_none(s.tie_gap_per_layer[i] for s in stats) for i in range(depth)],
         per_image_tokens=[t for s in stats for t in s.per_image_tokens],
         per_image_r=[r for s in stats for r in s.per_image_r],
         sources=None if stats[0].sources is None else [s.sources[0] for s in stats],

@@ -1,4 +1,4 @@
-"""The main job: model -> ATM -> report (and, with later steps, ONNX, parity, benchmarks).
+"""The main job: model -> ATM -> ONNX (two flavours) -> parity -> benchmarks -> report.
 
 The CLI parses arguments into :class:`JobOptions` and calls :func:`run_job`; nothing here
 prints except through :class:`~atm_export.progress.Progress`.
@@ -12,13 +12,14 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
 from .artifacts import ArtifactWriter
-from .errors import UserError
+from .errors import ParityError, UserError
 from .flops import ViTDims, baseline_gflops, run_gflops
-from .images import builtin_images, load_images, preprocess
+from .images import builtin_images, load_images, preprocess, take_batch
 from .patch import ATMVisionTransformer, patch_model
 from .progress import Progress
 from .registry import ModelEntry, Preset, resolve_model
@@ -40,6 +41,17 @@ class JobOptions:
     images: str | None = None
     batch_size: int = 8
     force: bool = False
+    export: bool = True
+    opset: int = 18
+    parity_batches: tuple[int, ...] = (1, 3)
+    strict_parity: bool = False
+    benchmark: bool = True
+    bench_batches: tuple[int, ...] = (1, 8, 32)
+    bench_runs: int = 5
+    bench_schedule: str | None = None
+    tensorrt: bool = True
+    trt_precision: str = "fp32"
+    trt_plugin: str | None = None
 
 
 def resolve_config(entry: ModelEntry, preset_name: str | None, overrides: dict) -> tuple[MergeConfig, Preset | None]:
@@ -73,6 +85,8 @@ def sample_batch(model, images_dir: str | None, batch_size: int) -> tuple[torch.
 
 
 def environment() -> dict:
+    import onnx
+    import onnxruntime
     import timm
 
     return {
@@ -80,6 +94,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -122,31 +138,235 @@ def core_report(entry: ModelEntry, preset: Preset | None, config: MergeConfig, a
     return report
 
 
-def run_job(opts: JobOptions, progress: Progress | None = None) -> dict:
-    """Run the whole job and write its artifacts. Returns the report."""
-    progress = progress or Progress(enabled=False)
+@dataclass
+class Job:
+    """What the steps of a run share."""
+
+    opts: JobOptions
+    entry: ModelEntry
+    config: MergeConfig
+    preset: Preset | None
+    vit: torch.nn.Module
+    atm: ATMVisionTransformer
+    weights: WeightsInfo
+    batch: torch.Tensor
+    images_info: dict
+    progress: Progress = field(default_factory=lambda: Progress(enabled=False))
+    report: dict = field(default_factory=dict)
+    bench_tokens: list[int] | None = None  # a fixed token schedule to benchmark with
+    plugin_model: object = None
+    portable_model: object = None
+
+
+def load(opts: JobOptions, progress: Progress) -> Job:
     entry = resolve_model(opts.model)
     config, preset = resolve_config(entry, opts.preset, opts.overrides)
-    writer = ArtifactWriter(opts.output, force=opts.force)
-    try:
-        with progress.step(f"loading {entry.display_name} ({entry.timm_name})"):
-            model, weights = create_model(entry, opts.weights, opts.random_init)
-            atm = patch_model(model, config)
-            if weights.random:
-                progress.note("WARNING: random weights (--random-init); outputs do not reflect a trained model")
-        batch, images_info = sample_batch(model, opts.images, opts.batch_size)
-        with progress.step(f"running ATM on {images_info['count']} sample images"):
+    with progress.step(f"loading {entry.display_name} ({entry.timm_name})"):
+        vit, weights = create_model(entry, opts.weights, opts.random_init)
+        atm = patch_model(vit, config)
+        if weights.random:
+            progress.note("WARNING: random weights (--random-init); outputs do not reflect a trained model")
+    batch, images_info = sample_batch(vit, opts.images, opts.batch_size)
+    return Job(opts, entry, config, preset, vit, atm, weights, batch, images_info, progress)
+
+
+def run_eager(job: Job, progress: Progress) -> None:
+    with progress.step(f"running ATM on {job.images_info['count']} sample images"):
+        with torch.inference_mode():
+            job.atm(job.batch)
+        stats = job.atm.last_stats
+    job.report = core_report(job.entry, job.preset, job.config, job.atm, job.weights, job.images_info, stats)
+    g = job.report["gflops"]
+    progress.note(f"GFLOPs {g['baseline']:.2f} -> {g['atm']:.2f}; "
+                  f"tokens per block {[round(t, 1) for t in stats.tokens_per_layer]}")
+
+
+def export_onnx(job: Job, writer: ArtifactWriter, progress: Progress) -> None:
+    import onnx
+
+    from .export.onnx import check_model, export_plugin_flavour, portable_flavour
+
+    metadata = {"model": job.entry.display_name, "timm_name": job.entry.timm_name,
+                "params": job.report["params"], "preset": job.report["preset"]}
+    with progress.step("exporting model.plugin.onnx (one TokenMerge node per merge step; about a minute)"):
+        job.plugin_model = export_plugin_flavour(job.atm, job.batch[:2], job.opts.opset, metadata)
+        check_model(job.plugin_model, "plugin")
+        onnx.save(job.plugin_model, writer.path("model.plugin.onnx"))
+    with progress.step("lowering to standard ops: model.onnx"):
+        job.portable_model = portable_flavour(job.plugin_model)
+        check_model(job.portable_model, "portable")
+        onnx.save(job.portable_model, writer.path("model.onnx"))
+
+
+def parity_batches(job: Job) -> list[torch.Tensor]:
+    """The sample batch, then the other requested batch sizes (cycling the sample images)."""
+    sizes = [job.batch.shape[0]] + [b for b in job.opts.parity_batches if b != job.batch.shape[0]]
+    return [take_batch(job.batch, b) for b in dict.fromkeys(sizes)]
+
+
+def backends(job: Job, skipped: dict, writer: ArtifactWriter) -> dict:
+    """Every available backend as images -> (logits, tokens); unavailable ones go to ``skipped``."""
+    from .backends import ort as ort_backend
+    from .backends import tensorrt as trt_backend
+
+    atm = job.atm
+
+    def eager_atm(images: np.ndarray):
+        with torch.inference_mode():
+            logits, tokens = atm.forward_export(torch.from_numpy(images))
+        return logits.numpy(), tokens.tolist()
+
+    found = {"eager_atm": eager_atm}
+    if job.portable_model is not None:
+        found["ort_portable"] = ort_backend.OrtRunner(job.portable_model, "portable").run
+        found["ort_plugin"] = ort_backend.OrtRunner(job.plugin_model, "plugin").run
+        if ort_backend.available("cuda"):
+            found["ort_cuda_portable"] = ort_backend.OrtRunner(job.portable_model, "portable", device="cuda").run
+        else:
+            skipped["ort_cuda_portable"] = "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
+        if job.opts.tensorrt:
+            reason = trt_backend.unavailable_reason()
+            if reason:
+                skipped["tensorrt"] = reason
+            else:
+                found["tensorrt"] = trt_backend.engine_backend(job, writer, skipped)
+        else:
+            skipped["tensorrt"] = "not requested (--no-tensorrt)"
+    else:
+        skipped["onnx"] = "not requested (--no-onnx)"
+    return {name: fn for name, fn in found.items() if fn is not None}
+
+
+def run_parity(job: Job, runners: dict, progress: Progress) -> dict:
+    from .parity import ort_extra_checks, reference_run
+
+    refs = [reference_run(job.atm, b) for b in parity_batches(job)]
+    extra = {}
+    if "ort_plugin" in runners:
+        extra = ort_extra_checks(job.plugin_model, runners["ort_plugin"], job.portable_model)
+    precisions = {"tensorrt": job.opts.trt_precision}
+    return parity_all(runners, refs, extra, precisions, job.opts.strict_parity, progress)
+
+
+def parity_all(runners: dict, refs: list, extra: dict, precisions: dict, strict: bool, progress: Progress) -> dict:
+    """Every backend against the eager references, with progress lines."""
+    from .parity import check_backend
+
+    results = {}
+    sizes = [r.images.shape[0] for r in refs]
+    for name, backend in runners.items():
+        with progress.step(f"parity: {name} against eager PyTorch at batch sizes {sizes}"):
+            results[name] = r = check_backend(backend, refs, precisions.get(name, "fp32"), strict, extra.get(name))
+            progress.note(f"{r['status']}: max abs diff {r['max_abs_diff']}, top-1 agreement {r['top1_agreement']}, "
+                          f"token counts equal {r['token_counts_equal']}")
+            for note in r["notes"]:
+                progress.note(note)
+    return results
+
+
+def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, dict]:
+    """Latency of every backend (plus the unmerged baselines) at the benchmark batch sizes."""
+    from .bench import eager_merge_share, ort_merge_share, schedule_gflops, time_calls
+    from .backends import ort as ort_backend
+    from .export.onnx import export_baseline, portable_flavour, with_fixed_schedule
+    from .schedule import r_from_tokens, replay_config
+
+    dims = ViTDims.from_timm(job.vit)
+    info = {"runs": job.opts.bench_runs, "threads": torch.get_num_threads(), "batches": list(job.opts.bench_batches)}
+    timed = dict(runners)
+    atm = job.atm
+    if job.bench_tokens:
+        tokens = job.bench_tokens
+        r = r_from_tokens(tokens, dims.num_prefix, job.atm.class_token_head)
+        atm = patch_model(job.vit, replay_config(r, job.config.resolved_split_layer(dims.depth), job.atm.prop_attn))
+        info["schedule"] = {"tokens_per_layer": tokens, "gflops": round(schedule_gflops(dims, tokens, job.atm.class_token_head), 4),
+                            "source": job.opts.bench_schedule}
+        info["description"] = (f"fixed token schedule {tokens} ({info['schedule']['gflops']:.2f} GFLOPs), "
+                               f"{info['runs']} timed runs after a warm-up, {info['threads']} threads")
+        timed = {"eager_atm": None}
+        if job.plugin_model is not None:
+            replay = with_fixed_schedule(job.plugin_model, r)
+            timed["ort_portable"] = ort_backend.OrtRunner(portable_flavour(replay), "portable").run
+            timed["ort_plugin"] = ort_backend.OrtRunner(replay, "plugin").run
+    else:
+        info["description"] = (f"the sample images' own merging (cycled to each batch size), "
+                               f"{info['runs']} timed runs after a warm-up, {info['threads']} threads")
+
+    def eager(model):
+        def run(images):
             with torch.inference_mode():
-                atm(batch)
-            stats = atm.last_stats
-        report = core_report(entry, preset, config, atm, weights, images_info, stats)
-        progress.note(f"GFLOPs {report['gflops']['baseline']:.2f} -> {report['gflops']['atm']:.2f}; "
-                      f"tokens per block {[round(t, 1) for t in stats.tokens_per_layer]}")
-        report["artifacts"] = ["report.json", "report.md"]
+                return model(torch.from_numpy(images))
+        return run
+
+    timed["eager_atm"] = eager(atm)
+    timed = {"eager_baseline": eager(job.vit), **timed}
+    if job.plugin_model is not None:
+        with progress.step("exporting the unmerged baseline for ONNX Runtime"):
+            timed["ort_baseline"] = ort_backend.OrtRunner(export_baseline(job.vit, job.batch[:2], job.opts.opset), "baseline").run
+    latency: dict = {}
+    for name, fn in timed.items():
+        with progress.step(f"benchmark: {name} at batch sizes {list(job.opts.bench_batches)}"):
+            for b in job.opts.bench_batches:
+                images = take_batch(job.batch, b).numpy()
+                latency.setdefault(name, {})[str(b)] = time_calls(lambda: fn(images), job.opts.bench_runs)
+            progress.note(", ".join(f"b{b}: {v['p50']:.1f} ms" for b, v in latency[name].items()))
+    largest = str(max(job.opts.bench_batches))
+    base = latency["eager_baseline"][largest]["p50"]
+    info["speedup_vs_eager_baseline"] = {n: round(base / v[largest]["p50"], 3) for n, v in latency.items()}
+    info["merge_share"] = {"eager_atm": round(eager_merge_share(atm, take_batch(job.batch, int(largest))), 4)}
+    if "ort_portable" in timed and job.plugin_model is not None:
+        replay = job.plugin_model if not job.bench_tokens else with_fixed_schedule(job.plugin_model, r)
+        profiled = ort_backend.OrtRunner(portable_flavour(replay), "portable", profile=True)
+        profiled.run(take_batch(job.batch, int(largest)).numpy())
+        info["merge_share"]["ort_portable"] = round(ort_merge_share(profiled.end_profiling()), 4)
+    return latency, info
+
+
+def run_job(opts: JobOptions, progress: Progress | None = None) -> dict:
+    """Run the whole job and write its artifacts. Returns the report; raises ParityError (after
+    writing the artifacts and the report) when a backend disagrees with eager PyTorch."""
+    progress = progress or Progress(enabled=False)
+    writer = None
+    try:
+        entry = resolve_model(opts.model)
+        config, _ = resolve_config(entry, opts.preset, opts.overrides)  # bad settings fail before any work
+        if opts.export:
+            from .export.onnx import check_opset
+
+            check_opset(opts.opset)
+            if config.per_image:
+                raise UserError("the atm-per-image policy is for comparisons in PyTorch; exported models "
+                                "merge batch-adaptively (use --policy atm, or --no-onnx)")
+        if opts.bench_schedule and not opts.benchmark:
+            raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
+        writer = ArtifactWriter(opts.output, force=opts.force)
+        job = load(opts, progress)
+        if opts.bench_schedule:
+            from .bench import parse_schedule
+
+            job.bench_tokens = parse_schedule(opts.bench_schedule, ViTDims.from_timm(job.vit), job.atm.class_token_head)
+        run_eager(job, progress)
+        report = job.report
+        skipped: dict = {}
+        if opts.export:
+            export_onnx(job, writer, progress)
+        runners = backends(job, skipped, writer)
+        report["parity"] = run_parity(job, runners, progress)
+        if opts.benchmark:
+            report["latency_ms"], report["benchmark"] = run_benchmark(job, runners, progress)
+        else:
+            skipped["benchmark"] = "not requested (--no-benchmark)"
+        report["skipped"] = skipped
+        report["artifacts"] = [n for n in ("model.onnx", "model.plugin.onnx", "model.engine")
+                               if (writer.staging / n).exists()] + ["report.json", "report.md"]
         writer.write_text("report.md", render_markdown(report))
         writer.write_json("report.json", report)
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
     writer.commit()
+    failed = [name for name, r in report["parity"].items() if r["fails_run"]]
+    if failed:
+        raise ParityError(f"{', '.join(failed)} disagree with eager PyTorch; see {opts.output / 'report.md'}")
     return report

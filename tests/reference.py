@@ -63,6 +63,7 @@ def reference_merge(x, size, metric, *, threshold=None, r=None, split_mode="alte
             a, j = a_idx[i], partners[i]
             sums[j] = [acc + v * size[bi][a] for acc, v in zip(sums[j], x[bi][a])]
             sizes[j] += size[bi][a]
+        kept = sorted(kept)  # kept tokens stay in A's order
         rows = [list(x[bi][t]) for t in range(p)] + [list(x[bi][a_idx[i]]) for i in kept]
         rows += [[v / s for v in acc] for acc, s in zip(sums, sizes)]
         x_out.append(rows)

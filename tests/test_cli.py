@@ -11,7 +11,8 @@ import pytest
 
 from atm_export.cli import main
 
-BASE = ["deit_t", "--random-init", "--quiet"]
+# The core fields need no export: these runs skip ONNX (tests/test_check.py runs everything).
+BASE = ["deit_t", "--random-init", "--quiet", "--no-onnx", "--no-benchmark"]
 
 
 def run_cli(args, capsys):
@@ -83,6 +84,10 @@ def _not_writable_dir(tmp_path):
     (["deit_t", "--weights", "/nonexistent.pth"], "weights file not found"),
     (["deit_t", "--weights", "/nonexistent.pth", "--random-init"], "not both"),
     (["vit_base_patch16_384", "--random-init"], "has no presets"),
+    (["deit_t", "--random-init", "--opset", "13"], "--opset 13 is too old"),
+    (["deit_t", "--random-init", "--policy", "atm-per-image"], "atm-per-image"),
+    (["deit_t", "--random-init", "--bench-batches", "0"], "batch sizes of at least 1"),
+    (["deit_t", "--random-init", "--bench-schedule", "gflops:x"], "expected gflops:<number>"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code, _, err = run_cli([*args, "-q", "-o", str(tmp_path / "o")], capsys)

@@ -1,0 +1,222 @@
+"""TensorRT: build an engine from ``model.plugin.onnx`` with the TokenMerge plugin, and run it.
+
+Written against TensorRT 10's Python API (``tensorrt``). Everything here needs TensorRT and an
+NVIDIA GPU; where either is missing, ``unavailable_reason()`` says so and the pipeline records
+the skip. The engine's merge steps have data-dependent token counts, so execution uses an
+``IOutputAllocator`` for every output (outputs with data-dependent shapes get their memory
+once TensorRT knows the size) and cannot be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..ops import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+INPUT_NAME = "images"
+_loaded_plugins: set[str] = set()
+
+
+def unavailable_reason() -> str | None:
+    """Why the TensorRT step cannot run here, or None."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return ("TensorRT not installed: the `tensorrt` Python package does not import "
+                "(install TensorRT 10+ on an NVIDIA GPU machine, e.g. pip install tensorrt)")
+    except Exception as exc:  # a stub or broken install
+        return f"TensorRT does not load: {type(exc).__name__}: {exc}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device: TensorRT needs an NVIDIA GPU"
+    return None
+
+
+def _logger():
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def load_plugin(library: str | Path | None = None) -> Path:
+    """Load the TokenMerge plugin library so that it registers its creator with TensorRT."""
+    import tensorrt as trt
+
+    from .. import plugin_lib
+
+    path = Path(library) if library else plugin_lib.find_plugin_library()
+    if path is None or not path.is_file():
+        raise UserError(f"TensorRT plugin library not found{f' at {path}' if path else ''}; "
+                        "build it with `atm-export build-plugin` (needs nvcc, CMake and TensorRT), "
+                        "or pass --trt-plugin PATH")
+    key = str(path.resolve())
+    if key not in _loaded_plugins:
+        try:
+            ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)  # static initialisers register the creator
+        except OSError as exc:
+            raise UserError(f"cannot load plugin library {path}: {exc}; it was probably built for another "
+                            "TensorRT or CUDA version: rebuild it with `atm-export build-plugin`") from None
+        _loaded_plugins.add(key)
+    registry = trt.get_plugin_registry()
+    creator = registry.get_creator(ONNX_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    if creator is None:
+        raise UserError(f"{path} loaded but registered no {PLUGIN_NAMESPACE}::{ONNX_OP} v{PLUGIN_VERSION} plugin "
+                        f"(built against another TensorRT?); rebuild it with `atm-export build-plugin`")
+    return path
+
+
+def has_token_merge_nodes(onnx_path: str | Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN for n in model.graph.node)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    precision: str = "fp32"  # or "fp16"
+    workspace_gib: float = 4.0
+
+
+def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None) -> bytes:
+    """Parse ``model.plugin.onnx`` (with the plugin loaded) and build a serialized engine."""
+    import tensorrt as trt
+
+    if not has_token_merge_nodes(onnx_path):
+        raise UserError(f"{onnx_path} has no {ONNX_OP} nodes: build the engine from model.plugin.onnx "
+                        "(model.onnx is the plugin-free flavour and needs no plugin)")
+    load_plugin(plugin)
+    logger = _logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * (1 << 30)))
+    if spec.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    shape = tuple(network.get_input(0).shape)[1:]
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (spec.min_batch, *shape), (spec.opt_batch, *shape), (spec.max_batch, *shape))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    return bytes(serialized)
+
+
+def device_info() -> dict:
+    """What an engine is tied to: the GPU and the TensorRT version."""
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "tensorrt": trt.__version__}
+
+
+def _make_output_allocator():
+    import tensorrt as trt
+    import torch
+
+    class TorchOutputAllocator(trt.IOutputAllocator):
+        """Device memory for outputs, sized when TensorRT knows it (data-dependent shapes)."""
+
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.buffers: dict[str, torch.Tensor] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            buffer = self.buffers.get(tensor_name)
+            if buffer is None or buffer.numel() < size:
+                buffer = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+                self.buffers[tensor_name] = buffer
+            return buffer.data_ptr()
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(shape)
+
+    return TorchOutputAllocator()
+
+
+class EngineRunner:
+    """Runs a serialized engine: ``run(images) -> (logits, tokens_per_layer)``."""
+
+    def __init__(self, engine: bytes, plugin: str | Path | None = None, built_on: dict | None = None):
+        import tensorrt as trt
+        import torch
+
+        load_plugin(plugin)
+        self.runtime = trt.Runtime(_logger())
+        self.engine = self.runtime.deserialize_cuda_engine(engine)
+        if self.engine is None:
+            where = f" (built on {built_on['gpu']} with TensorRT {built_on['tensorrt']})" if built_on else ""
+            raise UserError(f"TensorRT cannot load this engine{where} on {torch.cuda.get_device_name()} with "
+                            f"TensorRT {trt.__version__}: engines are tied to the GPU and TensorRT version that "
+                            "built them; rebuild it here by re-running atm-export")
+        self.context = self.engine.create_execution_context()
+        self.allocator = _make_output_allocator()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        for name in self.outputs:
+            self.context.set_output_allocator(name, self.allocator)
+        low, _, high = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.batch_range = (low[0], high[0])
+        self.stream = torch.cuda.Stream()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
+        import tensorrt as trt
+        import torch
+
+        low, high = self.batch_range
+        if not low <= images.shape[0] <= high:
+            raise UserError(f"batch {images.shape[0]} is outside the engine's optimization profile ({low}..{high}); "
+                            "rebuild the engine with a wider range (--trt-max-batch)")
+        device_images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
+        self.context.set_input_shape(INPUT_NAME, tuple(device_images.shape))
+        self.context.set_tensor_address(INPUT_NAME, device_images.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        self.stream.synchronize()
+        results = {}
+        for name in self.outputs:
+            shape = self.allocator.shapes[name]
+            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
+            count = int(np.prod(shape)) if shape else 1
+            raw = self.allocator.buffers[name][: count * np.dtype(dtype).itemsize].cpu().numpy()
+            results[name] = raw.view(dtype).reshape(shape)
+        tokens = results.get("tokens_per_layer")
+        return results["logits"].astype(np.float32), None if tokens is None else tokens.astype(np.int64).tolist()
+
+
+def engine_backend(job, writer, skipped: dict):
+    """Build ``model.engine`` for the job (staged with its other artifacts) and return its runner."""
+    from ..progress import Progress
+
+    batches = [job.batch.shape[0], *job.opts.parity_batches, *(job.opts.bench_batches if job.opts.benchmark else ())]
+    spec = EngineSpec(min_batch=1, opt_batch=job.batch.shape[0], max_batch=max(batches),
+                      precision=job.opts.trt_precision)
+    progress = getattr(job, "progress", None) or Progress(enabled=False)
+    with progress.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
+        engine = build_engine(writer.path("model.plugin.onnx"), spec, job.opts.trt_plugin)
+        writer.path("model.engine").write_bytes(engine)
+    job.report["tensorrt"] = {**device_info(), "precision": spec.precision,
+                              "profile": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
+                              "plugin_library": str(load_plugin(job.opts.trt_plugin))}
+    return EngineRunner(engine, job.opts.trt_plugin).run
+

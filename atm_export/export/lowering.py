@@ -1,0 +1,267 @@
+"""Lower ``atm_export.TokenMerge`` nodes to standard ONNX ops (opset >= 17).
+
+The lowered graph runs in stock ONNX Runtime and is TensorRT's plugin-free fallback, so it
+uses only ops both handle with a runtime (data-dependent) size: Shape, Range, Gather,
+GatherElements, TopK (runtime K), MatMul, Slice, Concat. The scatter-add of the merge is a
+one-hot matrix product (no ScatterElements/ScatterND with reduction, which TensorRT handles
+poorly), and the best-match search gets a sentinel column so that it is defined even when
+the destination set is empty.
+
+Every step follows docs/token-merge-op.md; the comments name the step.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ops import ONNX_DOMAIN, ONNX_OP
+
+#: Below every clamped similarity: the sentinel "no partner" column.
+NO_PARTNER = -2.0
+MIN_OPSET = 17
+CHOICE_NAMES = ("choice_src", "choice_dst", "choice_unm")
+
+
+class _Builder:
+    """Emits nodes with unique names under one prefix, and constant initializers."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._ids = itertools.count()
+
+    def name(self, hint: str) -> str:
+        return f"{self.prefix}/{hint}_{next(self._ids)}"
+
+    def const(self, value, dtype=np.int64, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> str | list[str]:
+        names = outputs if isinstance(outputs, list) else [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type), **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard-op nodes (and constants) computing the same outputs as one TokenMerge node.
+
+    Every emitted name starts with the node's name and a slash, and the step's choices are
+    the tensors ``<name>/choice_src``, ``/choice_dst``, ``/choice_unm`` ([B, .] int64, as in
+    atm_export.merge.MergePlan), so that checks can run one step of a lowered graph alone.
+    """
+    a = _attrs(node)
+    threshold = float(a.get("threshold", 1.0))
+    fixed_r = int(a.get("fixed_r", -1))
+    size_mode = int(a.get("split_mode", 0)) == 1
+    p = int(a.get("num_protected", 1))
+    x, size, metric = node.input
+    x_out, size_out, num_tokens = node.output
+    g = _Builder(node.name or "TokenMerge")
+
+    zero, one, two = g.const(0), g.const(1), g.const(2)
+    ax1, ax_last = g.const([1]), g.const([-1])
+    shape = g.op("Shape", [x])
+    batch = g.op("Gather", [shape, zero], axis=0)
+    n = g.op("Gather", [shape, one], axis=0)
+    m = g.op("Sub", [n, g.const(p)])
+    num_a = g.op("Div", [g.op("Add", [m, one]), two])  # ceil(M / 2)
+    num_b = g.op("Div", [m, two])  # floor(M / 2)
+
+    def vec(scalar):  # int64 scalar -> [1], for Slice/Expand shapes
+        return g.op("Unsqueeze", [scalar, g.const([0])])
+
+    def expand_rows(index, width_of):  # [B, K] -> [B, K, W] for GatherElements on [B, N, W]
+        w = g.op("Gather", [g.op("Shape", [width_of]), g.const(2)], axis=0)
+        target = g.op("Concat", [g.op("Shape", [index]), vec(w)], axis=0)
+        return g.op("Expand", [g.op("Unsqueeze", [index, ax_last]), target])
+
+    # Step 1: split. alternate -> shared 1-D indices (Gather); size -> per-image [B, K] (GatherElements).
+    if size_mode:
+        rest = g.op("Slice", [size, vec(g.const(p)), vec(n), ax1])
+        offsets = g.op("Cast", [g.op("Range", [zero, m, one])], to=TensorProto.FLOAT)
+        # sizes are small integers, so size * M + offset is a unique, exact float32 key:
+        # ascending order of the key = stable ascending sort by size.
+        key = g.op("Add", [g.op("Mul", [rest, g.op("Cast", [m], to=TensorProto.FLOAT)]), offsets])
+        _, order = g.op("TopK", [key, vec(m)], outputs=2, axis=1, largest=0, sorted=1)
+        order = g.op("Add", [order, g.const(p)])
+        split = {"a": g.op("Slice", [order, vec(zero), vec(num_a), ax1]),
+                 "b": g.op("Slice", [order, vec(num_a), vec(m), ax1])}
+
+        def take(t, part, tokens_2d=False):
+            index = split[part] if tokens_2d else expand_rows(split[part], t)
+            return g.op("GatherElements", [t, index], axis=1)
+    else:
+        split = {"a": g.op("Range", [g.const(p), n, two]), "b": g.op("Range", [g.const(p + 1), n, two])}
+
+        def take(t, part, tokens_2d=False):
+            return g.op("Gather", [t, split[part]], axis=1)
+
+    # Step 2: cosine similarity, clamped to [-1, 1].
+    norm = g.op("ReduceL2", [metric, ax_last], keepdims=1)
+    unit = g.op("Div", [metric, g.op("Max", [norm, g.const(1e-12, np.float32)])])
+    sim = g.op("MatMul", [take(unit, "a"), g.op("Transpose", [take(unit, "b")], perm=[0, 2, 1])])
+    sim = g.op("Clip", [sim, g.const(-1.0, np.float32), g.const(1.0, np.float32)])
+    # Step 3: best partner; the sentinel column keeps ReduceMax/ArgMax defined when B is empty
+    # and never wins otherwise (first index wins ties).
+    sentinel = g.op("Expand", [g.const([[[NO_PARTNER]]], np.float32),
+                               g.op("Concat", [vec(batch), vec(num_a), g.const([1])], axis=0)])
+    sim = g.op("Concat", [sim, sentinel], axis=2)
+    score = g.op("ReduceMax", [sim, ax_last], keepdims=0)
+    dst = g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0)
+
+    # Step 4: how many pairs merge (the same r for every image).
+    has_b = g.op("Cast", [g.op("Greater", [num_b, zero])], to=TensorProto.INT64)
+    if fixed_r >= 0:
+        r = g.op("Min", [g.const(fixed_r), num_a])
+    else:
+        above = g.op("Cast", [g.op("Greater", [score, g.const(threshold, np.float32)])], to=TensorProto.INT64)
+        total = g.op("ReduceSum", [above], keepdims=0)  # over the whole batch
+        r = g.op("Min", [g.op("Div", [total, batch]), num_a])
+    r = g.op("Mul", [r, has_b])
+
+    # Step 5: rank A by score (descending; TopK breaks ties by lower index); the kept ones
+    # go back to A's order (a float32 sort of positions, which are exact below 2^24).
+    _, ranked = g.op("TopK", [score, vec(num_a)], outputs=2, axis=1, largest=1, sorted=1)
+    src = g.op("Slice", [ranked, vec(zero), vec(r), ax1], [f"{g.prefix}/{CHOICE_NAMES[0]}"])
+    kept_ranked = g.op("Cast", [g.op("Slice", [ranked, vec(r), vec(num_a), ax1])], to=TensorProto.FLOAT)
+    kept_sorted, _ = g.op("TopK", [kept_ranked, vec(g.op("Sub", [num_a, r]))], outputs=2, axis=1, largest=0, sorted=1)
+    unm = g.op("Cast", [kept_sorted], [f"{g.prefix}/{CHOICE_NAMES[2]}"], to=TensorProto.INT64)
+    dst_src = g.op("GatherElements", [dst, src], [f"{g.prefix}/{CHOICE_NAMES[1]}"], axis=1)
+
+    # Step 6: size-weighted merge; the scatter-add is onehot[B, Nb, r] @ values[B, r, .].
+    xa, xb = take(x, "a"), take(x, "b")
+    sa, sb = take(size, "a", tokens_2d=True), take(size, "b", tokens_2d=True)
+    src_size = g.op("GatherElements", [sa, src], axis=1)
+    src_x = g.op("GatherElements", [xa, expand_rows(src, xa)], axis=1)
+    slots = g.op("Reshape", [g.op("Range", [zero, num_b, one]), g.const([1, -1, 1])])
+    onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [dst_src, ax1]), slots])], to=TensorProto.FLOAT)
+    weighted_src = g.op("Mul", [src_x, g.op("Unsqueeze", [src_size, ax_last])])
+    xb_sum = g.op("Add", [g.op("Mul", [xb, g.op("Unsqueeze", [sb, ax_last])]), g.op("MatMul", [onehot, weighted_src])])
+    sb_new = g.op("Add", [sb, g.op("Squeeze", [g.op("MatMul", [onehot, g.op("Unsqueeze", [src_size, ax_last])]), ax_last])])
+    xb_new = g.op("Div", [xb_sum, g.op("Unsqueeze", [sb_new, ax_last])])
+
+    # Step 7: [protected, kept A (in A's order), B].
+    head = vec(g.const(p))
+    x_kept = g.op("GatherElements", [xa, expand_rows(unm, xa)], axis=1)
+    s_kept = g.op("GatherElements", [sa, unm], axis=1)
+    g.op("Concat", [g.op("Slice", [x, vec(zero), head, ax1]), x_kept, xb_new], [x_out], axis=1)
+    g.op("Concat", [g.op("Slice", [size, vec(zero), head, ax1]), s_kept, sb_new], [size_out], axis=1)
+    g.op("Sub", [n, r], [num_tokens])
+    return g.nodes, g.initializers
+
+
+def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every TokenMerge node replaced by standard ops."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old for the lowering; need {MIN_OPSET} or newer")
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    graph = lowered.graph
+    new_nodes = []
+    for node in graph.node:
+        if node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP:
+            nodes, inits = lower_token_merge(node)
+            new_nodes.extend(nodes)
+            graph.initializer.extend(inits)
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [o for o in lowered.opset_import if o.domain != ONNX_DOMAIN]
+    del lowered.opset_import[:]
+    lowered.opset_import.extend(kept)
+    return lowered
+
+
+def extract_step(lowered: onnx.ModelProto, merge_node: onnx.NodeProto, opset: int = 18) -> onnx.ModelProto:
+    """One lowered merge step of ``lowered`` as a model of its own.
+
+    ``merge_node`` is the step's TokenMerge node (from the plugin flavour): its name is the
+    prefix of the lowered nodes, its input and output names are the step's. The model's inputs
+    are x, size, metric; its outputs x_out, size_out, num_tokens and the three choice tensors.
+    Raises ValueError when ``lowered`` holds no such step (not atm-export's lowering).
+    """
+    prefix = merge_node.name + "/"
+    nodes = [n for n in lowered.graph.node if n.name.startswith(prefix)]
+    produced = {o for n in nodes for o in n.output}
+    choice_outputs = [prefix + c for c in CHOICE_NAMES]
+    missing = [name for name in (*merge_node.output, *choice_outputs) if name not in produced]
+    if not nodes or missing:
+        raise ValueError(f"no lowered step {merge_node.name} (missing {missing[:3] or 'all nodes'})")
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in lowered.graph.initializer if t.name in used]
+    renames = dict(zip(merge_node.input, ("x", "size", "metric")))
+    renames.update(zip(merge_node.output, ("x_out", "size_out", "num_tokens")))
+    renames.update(zip(choice_outputs, ("src", "dst", "unm")))
+    step_nodes = []
+    for n in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        for field in (copy.input, copy.output):
+            field[:] = [renames.get(name, name) for name in field]
+        step_nodes.append(copy)
+    return _step_model(step_nodes, inits, opset)
+
+
+def _step_model(nodes, inits, opset: int) -> onnx.ModelProto:
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    graph = helper.make_graph(
+        nodes, "token_merge_step",
+        [helper.make_tensor_value_info("x", f, ["B", "N", "C"]), helper.make_tensor_value_info("size", f, ["B", "N"]),
+         helper.make_tensor_value_info("metric", f, ["B", "N", "D"])],
+        [helper.make_tensor_value_info("x_out", f, ["B", "M", "C"]), helper.make_tensor_value_info("size_out", f, ["B", "M"]),
+         helper.make_tensor_value_info("num_tokens", i64, []),
+         *[helper.make_tensor_value_info(k, i64, ["B", k + "_count"]) for k in ("src", "dst", "unm")]],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def single_node_model(node: onnx.NodeProto, opset: int = 18) -> onnx.ModelProto:
+    """One TokenMerge node, freshly lowered, as a model (see ``extract_step`` for the I/O)."""
+    alone = onnx.NodeProto()
+    alone.CopyFrom(node)
+    alone.input[:] = ["x", "size", "metric"]
+    alone.output[:] = ["x_out", "size_out", "num_tokens"]
+    nodes, inits = lower_token_merge(alone)
+    choices = [f"{alone.name}/{c}" for c in CHOICE_NAMES]
+    nodes += [helper.make_node("Identity", [c], [k]) for c, k in zip(choices, ("src", "dst", "unm"))]
+    return _step_model(nodes, inits, opset)
+
+
+def shared_graph_difference(lowered: onnx.ModelProto, plugin: onnx.ModelProto) -> str | None:
+    """Where ``lowered`` differs from ``plugin`` outside the merge steps (None: nowhere).
+
+    atm-export writes model.onnx as model.plugin.onnx with its TokenMerge nodes lowered, so
+    the two must agree node for node and weight for weight everywhere else.
+    """
+    merge_names = {n.name for n in plugin.graph.node if n.op_type == "TokenMerge"}
+
+    def in_step(node):
+        return node.name.split("/", 1)[0] in merge_names and "/" in node.name
+
+    ours = [n.SerializeToString() for n in lowered.graph.node if not in_step(n)]
+    theirs = [n.SerializeToString() for n in plugin.graph.node if n.op_type != "TokenMerge"]
+    if ours != theirs:
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        return f"the graphs differ at node {first} outside the merge steps"
+    weights = {t.name: t.SerializeToString() for t in lowered.graph.initializer}
+    for t in plugin.graph.initializer:
+        if weights.get(t.name) != t.SerializeToString():
+            return f"weight {t.name} differs"
+    if [i.SerializeToString() for i in lowered.graph.input] != [i.SerializeToString() for i in plugin.graph.input]:
+        return "the graph inputs differ"
+    return None
+

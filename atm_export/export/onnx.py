@@ -1,0 +1,164 @@
+"""ONNX export: one export path, two flavours, plus the unmerged baseline for benchmarks.
+
+- ``model.plugin.onnx``: every merge step is one ``atm_export.TokenMerge`` node (for TensorRT
+  with the project's plugin, or ONNX Runtime with the reference kernel).
+- ``model.onnx``: the same graph with each TokenMerge node lowered to standard ops
+  (``lowering.py``): stock ONNX Runtime, and TensorRT without the plugin.
+
+Inputs and outputs of both: ``images`` [B, 3, H, W] float32 -> ``logits`` [B, K] float32 and
+``tokens_per_layer`` [depth] int64 (tokens entering each block, the same for the whole batch).
+The batch dimension is dynamic; token dimensions inside are data-dependent.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+
+import onnx
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import UserError
+from ..ops import ONNX_DOMAIN, ONNX_OP, onnx_translation, register_onnx_schema
+from ..patch import ATMVisionTransformer
+from .lowering import MIN_OPSET, lower_model
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "tokens_per_layer")
+METADATA_PREFIX = "atm_export."
+MAX_BATCH = 4096
+
+
+class _ExportView(nn.Module):
+    """``forward`` = the patched model's custom-op forward, for torch.export."""
+
+    def __init__(self, atm: ATMVisionTransformer):
+        super().__init__()
+        self.atm = atm
+
+    def forward(self, images: torch.Tensor):
+        return self.atm.forward_export(images)
+
+
+@contextmanager
+def _exporting(atm: ATMVisionTransformer):
+    atm.exporting = True
+    try:
+        yield
+    finally:
+        atm.exporting = False
+
+
+def check_opset(opset: int) -> int:
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset {opset} is too old: the exported graph needs opset {MIN_OPSET} or newer")
+    if opset > 23:
+        raise UserError(f"--opset {opset} is newer than atm-export supports (17..23)")
+    return opset
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, output_names, **kwargs) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if example.shape[0] < 2:  # a batch of one would be specialised to 1
+        example = example.repeat(2, 1, 1, 1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(output_names),
+            dynamic_shapes=({0: batch},), verbose=False, **kwargs,
+        )
+    return program.model_proto
+
+
+def set_metadata(proto: onnx.ModelProto, **fields) -> None:
+    """Record ``fields`` (JSON-encoded) as ``atm_export.<key>`` metadata properties."""
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in fields.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        full = METADATA_PREFIX + key
+        if full in existing:
+            existing[full].value = text
+        else:
+            proto.metadata_props.add(key=full, value=text)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict:
+    out = {}
+    for p in model.metadata_props:
+        if p.key.startswith(METADATA_PREFIX):
+            key = p.key[len(METADATA_PREFIX):]
+            try:
+                out[key] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[key] = p.value
+    return out
+
+
+def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opset: int = DEFAULT_OPSET,
+                          metadata: dict | None = None) -> onnx.ModelProto:
+    """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step."""
+    check_opset(opset)
+    register_onnx_schema()
+    with _exporting(atm):
+        model = _torch_export(_ExportView(atm).eval(), example, opset, OUTPUT_NAMES,
+                              custom_translation_table=onnx_translation())
+    merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
+    for node, block in zip([n for n in model.graph.node if n.op_type == ONNX_OP], merge_blocks):
+        node.name = f"{ONNX_OP}_b{block}"
+    model.graph.name = "atm_vit"
+    model.doc_string = "ATM-merged ViT exported by atm-export; see docs/token-merge-op.md"
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin")
+    return model
+
+
+def portable_flavour(plugin_model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model.onnx``: the plugin flavour with its TokenMerge nodes lowered to standard ops."""
+    model = lower_model(plugin_model)
+    set_metadata(model, flavour="portable")
+    return model
+
+
+def export_baseline(vit: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET,
+                    metadata: dict | None = None) -> onnx.ModelProto:
+    """The unmerged timm model (the benchmarks' baseline), with the same input and logits output."""
+    check_opset(opset)
+    model = _torch_export(vit.eval(), example, opset, OUTPUT_NAMES[:1])
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="baseline")
+    return model
+
+
+def custom_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(domain, op_type) of every node outside the standard ONNX domains."""
+    return [(n.domain, n.op_type) for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+
+
+def check_model(model: onnx.ModelProto, flavour: str) -> None:
+    """onnx.checker's full check, plus the flavour's rule on custom nodes."""
+    register_onnx_schema()
+    onnx.checker.check_model(model, full_check=True)
+    customs = set(custom_nodes(model))
+    if flavour == "plugin" and customs - {(ONNX_DOMAIN, ONNX_OP)}:
+        raise ValueError(f"plugin flavour has custom nodes other than TokenMerge: {sorted(customs)}")
+    if flavour in ("portable", "baseline") and customs:
+        raise ValueError(f"{flavour} flavour must hold standard ops only, found {sorted(customs)}")
+
+
+def with_fixed_schedule(plugin_model: onnx.ModelProto, r_per_block: list[int]) -> onnx.ModelProto:
+    """A copy whose TokenMerge nodes merge a fixed r each (a recorded schedule, for benchmarks)."""
+    replay = onnx.ModelProto()
+    replay.CopyFrom(plugin_model)
+    for node in replay.graph.node:
+        if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
+            block = int(node.name.rsplit("_b", 1)[1])
+            for attr in node.attribute:
+                if attr.name == "fixed_r":
+                    attr.i = int(r_per_block[block - 1])
+                    break
+            else:
+                node.attribute.append(onnx.helper.make_attribute("fixed_r", int(r_per_block[block - 1])))
+    return replay
