@@ -28,18 +28,25 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _parse_r(ctx, param, value):
+def _int_list(value: str | None, minimum: int, what: str) -> tuple[int, ...] | None:
+    """'8' or '16,16,12' -> (8,) or (16, 16, 12); click.BadParameter for anything else."""
     if value is None:
         return None
     try:
         numbers = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
-    if not numbers:
-        raise click.BadParameter("expected at least one integer")
-    if any(n < 0 for n in numbers):
-        raise click.BadParameter(f"r must not be negative, got {value!r}")
+    if not numbers or any(n < minimum for n in numbers):
+        raise click.BadParameter(f"{what}, got {value!r}")
     return numbers
+
+
+def _parse_r(ctx, param, value):
+    return _int_list(value, 0, "r must not be negative")
+
+
+def _parse_batches(ctx, param, value):
+    return _int_list(value, 1, "expected batch sizes of at least 1")
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,18 +57,6 @@ def cli():
 
 def _statuses(parity: dict) -> str:
     return ", ".join(f"{name} {result['status']}" for name, result in parity.items()) or "not run"
-
-
-def _parse_ints(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        numbers = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
-    if not numbers or any(n < 1 for n in numbers):
-        raise click.BadParameter(f"expected batch sizes of at least 1, got {value!r}")
-    return numbers
 
 
 @cli.command("export")
@@ -82,11 +77,11 @@ def _parse_ints(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace the artifacts of an earlier run in the output directory.")
 @click.option("--onnx/--no-onnx", "export", default=True, show_default=True, help="Export ONNX (both flavours) and check it.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or newer).")
-@click.option("--parity-batches", callback=_parse_ints, default="1,3", show_default=True,
+@click.option("--parity-batches", callback=_parse_batches, default="1,3", show_default=True,
               help="Batch sizes checked besides the sample batch.")
 @click.option("--strict-parity", is_flag=True, help="Fail also when a count differs only because a similarity sits on a threshold.")
 @click.option("--benchmark/--no-benchmark", default=True, show_default=True, help="Measure latency.")
-@click.option("--bench-batches", callback=_parse_ints, default="1,8,32", show_default=True, help="Benchmark batch sizes.")
+@click.option("--bench-batches", callback=_parse_batches, default="1,8,32", show_default=True, help="Benchmark batch sizes.")
 @click.option("--bench-runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per measurement.")
 @click.option("--bench-schedule", help="Replay a fixed token schedule: gflops:3.2, a report.json, or 197,180,...")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True, help="Build and check a TensorRT engine when TensorRT is installed.")
@@ -118,6 +113,27 @@ def check_cmd(directory, weights, strict_parity, quiet):
 
     result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, progress=Progress(enabled=not quiet))
     click.echo(f"{directory}: parity passed ({_statuses(result)})")
+
+
+@cli.command("build-plugin")
+@click.option("--build-dir", type=click.Path(file_okay=False), help="Build directory (default: plugins/build of the checkout).")
+@click.option("--tensorrt-root", type=click.Path(file_okay=False), help="TensorRT install with include/ and lib/ (default: $TENSORRT_ROOT).")
+@click.option("--cuda-arch", help='CUDA architectures, e.g. "90" or "80;90" (default: 80;90).')
+@click.option("--kernels-only", is_flag=True, help="Build only the CUDA kernel library (no TensorRT needed).")
+def build_plugin_cmd(build_dir, tensorrt_root, cuda_arch, kernels_only):
+    """Build the TokenMerge CUDA kernels and TensorRT plugin libraries with CMake and nvcc."""
+    from . import plugin_lib
+
+    targets = (plugin_lib.KERNELS,) if kernels_only else None
+    result = plugin_lib.build(build_dir, targets=targets, cuda_architectures=cuda_arch, tensorrt_root=tensorrt_root)
+    click.echo(f"kernels: {result.kernels}")
+    if kernels_only:
+        return
+    if result.plugin is None:
+        raise UserError(plugin_lib.missing_tensorrt_message(dynamic=False))
+    click.echo(f"plugin (self-registering; trtexec --staticPlugins, polygraphy --plugins): {result.plugin}")
+    if result.plugin_dynamic:
+        click.echo(f"plugin (getCreators; trtexec --dynamicPlugins): {result.plugin_dynamic}")
 
 
 @cli.command("models")

@@ -86,6 +86,8 @@ def register_onnx_schema() -> None:
             attr("fixed_r", onnx.helper.make_attribute("fixed_r", -1), "if >= 0, merge this many pairs"),
             attr("split_mode", onnx.helper.make_attribute("split_mode", 0), "0 alternate, 1 size-distinctive"),
             attr("num_protected", onnx.helper.make_attribute("num_protected", 1), "leading tokens never merged"),
+            attr("opt_num_tokens", onnx.helper.make_attribute("opt_num_tokens", -1),
+                 "typical output token count, TensorRT's tuning value (-1: unknown)"),
             attr("plugin_version", onnx.helper.make_attribute("plugin_version", PLUGIN_VERSION), "TensorRT plugin lookup"),
             attr("plugin_namespace", onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE), "TensorRT plugin lookup"),
         ],

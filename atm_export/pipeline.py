@@ -189,7 +189,9 @@ def export_onnx(job: Job, writer: ArtifactWriter, progress: Progress) -> None:
     metadata = {"model": job.entry.display_name, "timm_name": job.entry.timm_name,
                 "params": job.report["params"], "preset": job.report["preset"]}
     with progress.step("exporting model.plugin.onnx (one TokenMerge node per merge step; about a minute)"):
-        job.plugin_model = export_plugin_flavour(job.atm, job.batch[:2], job.opts.opset, metadata)
+        stats = job.atm.last_stats
+        kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
+        job.plugin_model = export_plugin_flavour(job.atm, job.batch[:2], job.opts.opset, metadata, typical_tokens=kept)
         check_model(job.plugin_model, "plugin")
         onnx.save(job.plugin_model, writer.path("model.plugin.onnx"))
     with progress.step("lowering to standard ops: model.onnx"):

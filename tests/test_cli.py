@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,19 @@ def test_console_script_exit_status(tmp_path):
 def test_models_command_lists_presets(capsys):
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0 and "deit_s" in out and "lossless" in out
+
+
+def test_build_plugin_without_tensorrt_names_the_fix(capsys):
+    """Here nvcc and CMake exist but TensorRT does not: the kernels build, the plugin cannot."""
+    import shutil
+
+    if not (shutil.which("cmake") and (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists())):
+        pytest.skip("nvcc or cmake not installed")
+    code, out, _ = run_cli(["build-plugin", "--kernels-only"], capsys)
+    assert code == 0 and "libatm_token_merge_kernels.so" in out
+    from atm_export.backends.tensorrt import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("TensorRT is installed here: the plugin would build")
+    code, _, err = run_cli(["build-plugin"], capsys)
+    assert code == 2 and "TENSORRT_ROOT" in err and len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
+import torch
 
 from atm_export import MergeConfig, patch_model
 from atm_export.backends.ort import OrtRunner
@@ -25,7 +26,10 @@ CONFIG = MergeConfig(alpha=0.99, beta=0.04, theta_min=0.88)
 @pytest.fixture(scope="module", params=list(TINY_MODELS))
 def exported(request, flat_images):
     atm = patch_model(make_model(request.param), CONFIG)
-    plugin = export_plugin_flavour(atm, flat_images[:2], metadata={"model": request.param})
+    with torch.no_grad():
+        atm(flat_images)
+    kept = [t - r for t, r in zip(atm.last_stats.tokens_per_layer, atm.last_stats.r_per_layer)]
+    plugin = export_plugin_flavour(atm, flat_images[:2], metadata={"model": request.param}, typical_tokens=kept)
     return request.param, atm, plugin, portable_flavour(plugin)
 
 
@@ -38,6 +42,11 @@ def test_flavours_pass_the_checker_with_their_custom_node_rules(exported):
     assert set(custom_nodes(plugin)) == {(ONNX_DOMAIN, ONNX_OP)}
     assert custom_nodes(portable) == []
     assert read_metadata(plugin)["flavour"] == "plugin" and read_metadata(portable)["flavour"] == "portable"
+    for node in merges:  # TensorRT's tuning value, and the cast of the plugin's INT32 count
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert 1 <= attrs["opt_num_tokens"] <= 198 and attrs["plugin_namespace"] == b"atm_export"
+        cast = next(n for n in plugin.graph.node if list(n.input) == [node.output[2]])
+        assert cast.op_type == "Cast" and onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT64
 
 
 def test_batch_is_dynamic_and_outputs_are_named(exported):

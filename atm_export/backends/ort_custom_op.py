@@ -26,7 +26,7 @@ from ..ops import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, SPLIT_
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 #: onnxruntime-extensions insists that a node carries every attribute the kernel declares.
-ATTRIBUTE_DEFAULTS = {"threshold": 1.0, "fixed_r": -1, "split_mode": 0, "num_protected": 1,
+ATTRIBUTE_DEFAULTS = {"threshold": 1.0, "fixed_r": -1, "split_mode": 0, "num_protected": 1, "opt_num_tokens": -1,
                       "plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
 _registered = False
 _replay: list | None = None
@@ -85,6 +85,7 @@ def register() -> str:
                 "fixed_r": PyCustomOpDef.dt_int64,
                 "split_mode": PyCustomOpDef.dt_int64,
                 "num_protected": PyCustomOpDef.dt_int64,
+                "opt_num_tokens": PyCustomOpDef.dt_int64,
                 "plugin_version": PyCustomOpDef.dt_string,
                 "plugin_namespace": PyCustomOpDef.dt_string,
             },

@@ -50,7 +50,7 @@ def load_plugin(library: str | Path | None = None) -> Path:
 
     from .. import plugin_lib
 
-    path = Path(library) if library else plugin_lib.find_plugin_library()
+    path = Path(library) if library else plugin_lib.find_plugin_library()  # tensorrt is imported: libnvinfer is loaded
     if path is None or not path.is_file():
         raise UserError(f"TensorRT plugin library not found{f' at {path}' if path else ''}; "
                         "build it with `atm-export build-plugin` (needs nvcc, CMake and TensorRT), "

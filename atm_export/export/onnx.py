@@ -100,8 +100,12 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 
 
 def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opset: int = DEFAULT_OPSET,
-                          metadata: dict | None = None) -> onnx.ModelProto:
-    """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step."""
+                          metadata: dict | None = None, typical_tokens: list[float] | None = None) -> onnx.ModelProto:
+    """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step.
+
+    typical_tokens: per block, the tokens a sample run kept after that block's merge; recorded
+    as each node's ``opt_num_tokens`` (TensorRT's tuning value for the data-dependent count).
+    """
     check_opset(opset)
     register_onnx_schema()
     with _exporting(atm):
@@ -110,10 +114,32 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
     merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
     for node, block in zip([n for n in model.graph.node if n.op_type == ONNX_OP], merge_blocks):
         node.name = f"{ONNX_OP}_b{block}"
+        if typical_tokens:
+            set_int_attribute(node, "opt_num_tokens", max(1, round(typical_tokens[block - 1])))
+    _cast_counts_to_int64(model)
     model.graph.name = "atm_vit"
     model.doc_string = "ATM-merged ViT exported by atm-export; see docs/token-merge-op.md"
     set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin")
     return model
+
+
+def _cast_counts_to_int64(model: onnx.ModelProto) -> None:
+    """Follow every TokenMerge's num_tokens with a Cast to int64.
+
+    TensorRT's plugin returns its count as an INT32 size tensor (the type every TensorRT header
+    documents), while the op and the rest of the graph use int64; for ONNX Runtime the cast is
+    a no-op.
+    """
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
+            count = node.output[2]
+            node.output[2] = f"{node.name}_count"
+            nodes.append(onnx.helper.make_node("Cast", [node.output[2]], [count], name=f"{node.name}_count_int64",
+                                               to=onnx.TensorProto.INT64))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def portable_flavour(plugin_model: onnx.ModelProto) -> onnx.ModelProto:
@@ -154,11 +180,14 @@ def with_fixed_schedule(plugin_model: onnx.ModelProto, r_per_block: list[int]) -
     replay.CopyFrom(plugin_model)
     for node in replay.graph.node:
         if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
-            block = int(node.name.rsplit("_b", 1)[1])
-            for attr in node.attribute:
-                if attr.name == "fixed_r":
-                    attr.i = int(r_per_block[block - 1])
-                    break
-            else:
-                node.attribute.append(onnx.helper.make_attribute("fixed_r", int(r_per_block[block - 1])))
+            set_int_attribute(node, "fixed_r", int(r_per_block[int(node.name.rsplit("_b", 1)[1]) - 1]))
     return replay
+
+
+def set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
+    """Set (or add) an integer attribute of ``node``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.i = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))

@@ -1,0 +1,320 @@
+/*
+ * Attribute parsing, shape checks and token bounds for the TensorRT plugin (see the header).
+ */
+#include "tokenMergeAttributes.h"
+#include "tokenMergeInternal.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+
+namespace
+{
+
+using atm::detail::fail;
+
+constexpr char const* kThreshold = "threshold";
+constexpr char const* kFixedR = "fixed_r";
+constexpr char const* kSplitMode = "split_mode";
+constexpr char const* kNumProtected = "num_protected";
+constexpr char const* kOptNumTokens = "opt_num_tokens";
+
+bool isNamed(atm_plugin_field const& f, char const* name)
+{
+    return std::strcmp(f.name, name) == 0;
+}
+
+//! The first element of an integer field as int64; false for a non-integer type.
+bool readInteger(atm_plugin_field const& f, int64_t* value)
+{
+    switch (f.type)
+    {
+    case ATM_FIELD_INT8: *value = *static_cast<int8_t const*>(f.data); return true;
+    case ATM_FIELD_INT16: *value = *static_cast<int16_t const*>(f.data); return true;
+    case ATM_FIELD_INT32: *value = *static_cast<int32_t const*>(f.data); return true;
+    case ATM_FIELD_INT64: *value = *static_cast<int64_t const*>(f.data); return true;
+    default: return false;
+    }
+}
+
+int readInt32(atm_plugin_field const& f, int32_t* out)
+{
+    int64_t v = 0;
+    if (!readInteger(f, &v))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            std::string("attribute ") + f.name + " must be an integer, got field type " + std::to_string(f.type));
+    }
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("attribute ") + f.name + " = " + std::to_string(v)
+                + " does not fit in int32");
+    }
+    *out = static_cast<int32_t>(v);
+    return ATM_STATUS_OK;
+}
+
+//! threshold: float32 from the ONNX parser; float64 and integers from hand-built networks.
+int readThreshold(atm_plugin_field const& f, float* out)
+{
+    if (f.type == ATM_FIELD_FLOAT32)
+    {
+        *out = *static_cast<float const*>(f.data);
+        return ATM_STATUS_OK;
+    }
+    if (f.type == ATM_FIELD_FLOAT64)
+    {
+        *out = static_cast<float>(*static_cast<double const*>(f.data));
+        return ATM_STATUS_OK;
+    }
+    int64_t v = 0;
+    if (readInteger(f, &v))
+    {
+        *out = static_cast<float>(v);
+        return ATM_STATUS_OK;
+    }
+    return fail(ATM_STATUS_INVALID_ARGUMENT,
+        "attribute threshold must be a float, got field type " + std::to_string(f.type));
+}
+
+int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
+{
+    if (f.name == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "a plugin field has no name");
+    }
+    if (isNamed(f, "plugin_version") || isNamed(f, "plugin_namespace"))
+    {
+        return ATM_STATUS_OK; // lookup keys of the ONNX parser, not math
+    }
+    bool const known = isNamed(f, kThreshold) || isNamed(f, kFixedR) || isNamed(f, kSplitMode)
+        || isNamed(f, kNumProtected) || isNamed(f, kOptNumTokens);
+    if (!known)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("unknown attribute ") + f.name
+                + " (expected threshold, fixed_r, split_mode, num_protected, opt_num_tokens)");
+    }
+    if (f.data == nullptr || f.length < 1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("attribute ") + f.name + " has no value");
+    }
+    if (isNamed(f, kThreshold))
+    {
+        return readThreshold(f, &attrs->threshold);
+    }
+    if (isNamed(f, kFixedR))
+    {
+        return readInt32(f, &attrs->fixed_r);
+    }
+    if (isNamed(f, kSplitMode))
+    {
+        return readInt32(f, &attrs->split_mode);
+    }
+    if (isNamed(f, kOptNumTokens))
+    {
+        return readInt32(f, &attrs->opt_num_tokens);
+    }
+    return readInt32(f, &attrs->num_protected);
+}
+
+bool known(int64_t d)
+{
+    return d >= 0;
+}
+
+bool agree(int64_t a, int64_t b)
+{
+    return !known(a) || !known(b) || a == b;
+}
+
+std::string dimsText(int64_t const* dims, int32_t rank)
+{
+    std::ostringstream s;
+    s << "[";
+    for (int32_t i = 0; i < rank; ++i)
+    {
+        s << (i ? ", " : "") << dims[i];
+    }
+    s << "]";
+    return s.str();
+}
+
+//! Integers as a dimension algebra, for atm::tokenBounds.
+struct IntAlgebra
+{
+    using Expr = int64_t;
+    Expr constant(int64_t v) const
+    {
+        return v;
+    }
+    Expr sub(Expr a, Expr b) const
+    {
+        return a - b;
+    }
+    Expr prod(Expr a, Expr b) const
+    {
+        return a * b;
+    }
+    Expr min(Expr a, Expr b) const
+    {
+        return a < b ? a : b;
+    }
+    Expr floorDiv(Expr a, Expr b) const
+    {
+        Expr q = a / b;
+        return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+    }
+    Expr ceilDiv(Expr a, Expr b) const
+    {
+        return -floorDiv(-a, b);
+    }
+};
+
+} // namespace
+
+extern "C" void atm_token_merge_default_attributes(atm_token_merge_attributes* out)
+{
+    out->threshold = 1.0f;
+    out->fixed_r = -1;
+    out->split_mode = ATM_SPLIT_ALTERNATE;
+    out->num_protected = 1;
+    out->opt_num_tokens = -1;
+}
+
+extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes const* attrs)
+{
+    if (attrs == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "attributes are NULL");
+    }
+    if (attrs->split_mode != ATM_SPLIT_ALTERNATE && attrs->split_mode != ATM_SPLIT_SIZE)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "split_mode must be 0 (alternate) or 1 (size), got " + std::to_string(attrs->split_mode));
+    }
+    if (attrs->num_protected < 0)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "num_protected must be >= 0, got " + std::to_string(attrs->num_protected));
+    }
+    if (attrs->opt_num_tokens < -1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "opt_num_tokens must be >= 1, or -1 for unknown, got " + std::to_string(attrs->opt_num_tokens));
+    }
+    if (attrs->fixed_r < 0 && std::isnan(attrs->threshold))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "threshold is NaN (and fixed_r < 0 asks for the threshold)");
+    }
+    return ATM_STATUS_OK;
+}
+
+extern "C" int atm_token_merge_parse_attributes(
+    atm_plugin_field const* fields, int32_t count, atm_token_merge_attributes* out)
+{
+    if (out == nullptr || (count > 0 && fields == nullptr) || count < 0)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "no field array or no output");
+    }
+    atm_token_merge_attributes attrs;
+    atm_token_merge_default_attributes(&attrs);
+    for (int32_t i = 0; i < count; ++i)
+    {
+        int const status = applyField(fields[i], &attrs);
+        if (status != ATM_STATUS_OK)
+        {
+            return status;
+        }
+    }
+    int const status = atm_token_merge_validate_attributes(&attrs);
+    if (status == ATM_STATUS_OK)
+    {
+        *out = attrs;
+    }
+    return status;
+}
+
+extern "C" int atm_token_merge_check_shapes(int64_t const* x_dims, int32_t x_rank, int64_t const* size_dims,
+    int32_t size_rank, int64_t const* metric_dims, int32_t metric_rank, atm_token_merge_attributes const* attrs)
+{
+    if (x_dims == nullptr || size_dims == nullptr || metric_dims == nullptr || attrs == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "shape arguments are NULL");
+    }
+    if (x_rank != 3 || size_rank != 2 || metric_rank != 3)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "expected x [B, N, C], size [B, N], metric [B, N, D]; got ranks " + std::to_string(x_rank) + ", "
+                + std::to_string(size_rank) + ", " + std::to_string(metric_rank));
+    }
+    bool const consistent = agree(x_dims[0], size_dims[0]) && agree(x_dims[0], metric_dims[0])
+        && agree(size_dims[0], metric_dims[0]) && agree(x_dims[1], size_dims[1]) && agree(x_dims[1], metric_dims[1])
+        && agree(size_dims[1], metric_dims[1]);
+    if (!consistent)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "x " + dimsText(x_dims, 3) + ", size " + dimsText(size_dims, 2)
+                + " and metric " + dimsText(metric_dims, 3) + " disagree on B or N");
+    }
+    int64_t const n = known(x_dims[1]) ? x_dims[1] : (known(size_dims[1]) ? size_dims[1] : metric_dims[1]);
+    if (known(n) && n - attrs->num_protected < 1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "N = " + std::to_string(n) + " tokens leave nothing to merge with "
+                + "num_protected = " + std::to_string(attrs->num_protected));
+    }
+    if (known(n) && n - attrs->num_protected > ATM_TOKEN_MERGE_MAX_UNPROTECTED)
+    {
+        return fail(ATM_STATUS_UNSUPPORTED, "N - num_protected = " + std::to_string(n - attrs->num_protected)
+                + " exceeds the kernels' limit of " + std::to_string(ATM_TOKEN_MERGE_MAX_UNPROTECTED));
+    }
+    bool const emptyFeature = (x_dims[2] == 0) || (metric_dims[2] == 0) || (x_dims[0] == 0);
+    if (emptyFeature)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "B, C and D must be >= 1");
+    }
+    return ATM_STATUS_OK;
+}
+
+extern "C" int atm_token_merge_make_params(int64_t const* x_dims, int64_t const* metric_dims,
+    atm_token_merge_attributes const* attrs, int32_t dtype, atm_token_merge_params* out)
+{
+    if (x_dims == nullptr || metric_dims == nullptr || attrs == nullptr || out == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "make_params arguments are NULL");
+    }
+    atm_token_merge_params p;
+    p.batch = x_dims[0];
+    p.num_tokens = x_dims[1];
+    p.channels = x_dims[2];
+    p.metric_dim = metric_dims[2];
+    p.num_protected = attrs->num_protected;
+    p.split_mode = attrs->split_mode;
+    p.fixed_r = attrs->fixed_r;
+    p.threshold = attrs->threshold;
+    p.dtype = dtype;
+    int const status = atm_token_merge_check(&p);
+    if (status == ATM_STATUS_OK)
+    {
+        *out = p;
+    }
+    return status;
+}
+
+extern "C" int atm_token_merge_token_bounds(
+    int64_t num_tokens, atm_token_merge_attributes const* attrs, int64_t* opt, int64_t* upper)
+{
+    if (attrs == nullptr || opt == nullptr || upper == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "token_bounds arguments are NULL");
+    }
+    if (num_tokens - attrs->num_protected < 1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "num_tokens must exceed num_protected");
+    }
+    IntAlgebra alg;
+    atm::TokenBounds<int64_t> const bounds = atm::tokenBounds(alg, num_tokens, *attrs);
+    *opt = bounds.opt;
+    *upper = bounds.upper;
+    return ATM_STATUS_OK;
+}

@@ -1,0 +1,178 @@
+/*
+ * Host-side plumbing shared by the CUDA launcher (tokenMergeKernel.cu) and the CPU executor
+ * (tokenMergeHost.cpp): parameter checks, the workspace layout, and the argument structs of the
+ * block programs. Both paths build their arguments here, so they cannot drift apart.
+ */
+#ifndef ATM_TOKEN_MERGE_INTERNAL_H
+#define ATM_TOKEN_MERGE_INTERNAL_H
+
+#include "tokenMergeKernel.h"
+#include "tokenMergeSteps.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace atm
+{
+namespace detail
+{
+
+//! A checked atm_token_merge_params with the derived sizes.
+struct Problem
+{
+    int64_t batch;
+    int64_t numTokens;
+    int64_t channels;
+    int64_t dim;
+    int32_t numProtected;
+    int32_t unprotected;
+    int32_t na;
+    int32_t nb;
+    int32_t tilesA;
+    int32_t splitMode;
+    int32_t fixedR;
+    float threshold;
+    int32_t dtype;
+};
+
+//! Record `message` as this thread's last error and return `status`.
+int fail(int status, std::string const& message);
+
+//! Check params; on success fill `problem` and return ATM_STATUS_OK.
+int describe(atm_token_merge_params const* params, Problem* problem);
+
+//! Byte offsets of the scratch arrays inside the workspace; each starts 256-byte aligned.
+struct WorkspaceLayout
+{
+    size_t order;     //!< int32 [B, M] (size split only)
+    size_t score;     //!< float [B, Na]
+    size_t dst;       //!< int32 [B, Na]
+    size_t tileCount; //!< int32 [B, tilesA]
+    size_t plan;      //!< int32 [B, N]
+    size_t srcOffset; //!< int32 [B, Nb + 1]
+    size_t srcList;   //!< int32 [B, Na]
+    size_t total;
+};
+
+WorkspaceLayout layoutFor(Problem const& p);
+
+struct Scratch
+{
+    int32_t* order;
+    float* score;
+    int32_t* dst;
+    int32_t* tileCount;
+    int32_t* plan;
+    int32_t* srcOffset;
+    int32_t* srcList;
+};
+
+inline Scratch carve(void* workspace, WorkspaceLayout const& layout, bool sizeSplit)
+{
+    auto* base = static_cast<unsigned char*>(workspace);
+    Scratch s;
+    s.order = sizeSplit ? reinterpret_cast<int32_t*>(base + layout.order) : nullptr;
+    s.score = reinterpret_cast<float*>(base + layout.score);
+    s.dst = reinterpret_cast<int32_t*>(base + layout.dst);
+    s.tileCount = reinterpret_cast<int32_t*>(base + layout.tileCount);
+    s.plan = reinterpret_cast<int32_t*>(base + layout.plan);
+    s.srcOffset = reinterpret_cast<int32_t*>(base + layout.srcOffset);
+    s.srcList = reinterpret_cast<int32_t*>(base + layout.srcList);
+    return s;
+}
+
+inline steps::SplitView splitView(Problem const& p, Scratch const& s)
+{
+    steps::SplitView v;
+    v.numProtected = p.numProtected;
+    v.unprotected = p.unprotected;
+    v.na = p.na;
+    v.nb = p.nb;
+    v.order = s.order;
+    return v;
+}
+
+inline steps::SplitArgs splitArgs(Problem const& p, Scratch const& s, float const* size)
+{
+    steps::SplitArgs a;
+    a.size = size;
+    a.numTokens = p.numTokens;
+    a.numProtected = p.numProtected;
+    a.unprotected = p.unprotected;
+    a.order = s.order;
+    return a;
+}
+
+inline steps::MatchArgs matchArgs(Problem const& p, Scratch const& s, void const* metric)
+{
+    steps::MatchArgs a;
+    a.metric = metric;
+    a.split = splitView(p, s);
+    a.numTokens = p.numTokens;
+    a.dim = p.dim;
+    a.threshold = p.threshold;
+    a.score = s.score;
+    a.dst = s.dst;
+    a.tileCount = s.tileCount;
+    a.tilesA = p.tilesA;
+    return a;
+}
+
+inline steps::PlanArgs planArgs(
+    Problem const& p, Scratch const& s, float const* size, float* sizeOut, int64_t* numTokensOut)
+{
+    steps::PlanArgs a;
+    a.score = s.score;
+    a.dst = s.dst;
+    a.tileCount = s.tileCount;
+    a.tilesA = p.tilesA;
+    a.batch = p.batch;
+    a.fixedR = p.fixedR;
+    a.size = size;
+    a.split = splitView(p, s);
+    a.numTokens = p.numTokens;
+    a.plan = s.plan;
+    a.srcOffset = s.srcOffset;
+    a.srcList = s.srcList;
+    a.sizeOut = sizeOut;
+    a.numTokensOut = numTokensOut;
+    return a;
+}
+
+inline steps::MergeArgs mergeArgs(Problem const& p, Scratch const& s, void const* x, float const* size, void* xOut,
+    float const* sizeOut, int64_t const* numTokensOut)
+{
+    steps::MergeArgs a;
+    a.x = x;
+    a.size = size;
+    a.xOut = xOut;
+    a.sizeOut = sizeOut;
+    a.plan = s.plan;
+    a.srcOffset = s.srcOffset;
+    a.srcList = s.srcList;
+    a.numTokensOut = numTokensOut;
+    a.split = splitView(p, s);
+    a.numTokens = p.numTokens;
+    a.channels = p.channels;
+    return a;
+}
+
+inline size_t elementBytes(int32_t dtype)
+{
+    return dtype == ATM_DTYPE_FLOAT32 ? 4 : 2;
+}
+
+//! Channels per merge access: 16 bytes when the rows allow it, else 1 element.
+inline int vectorWidth(Problem const& p, void const* x, void const* xOut)
+{
+    size_t const bytes = elementBytes(p.dtype);
+    int const width = static_cast<int>(16 / bytes);
+    bool const aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(xOut) % 16 == 0;
+    return (aligned && p.channels % width == 0) ? width : 1;
+}
+
+} // namespace detail
+} // namespace atm
+
+#endif // ATM_TOKEN_MERGE_INTERNAL_H

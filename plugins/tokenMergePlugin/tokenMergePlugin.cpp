@@ -1,0 +1,510 @@
+/*
+ * TensorRT IPluginV3 adapter for TokenMerge: TensorRT types in, kernel library calls out.
+ */
+#include "tokenMergePlugin.h"
+
+#include "tokenMergeKernel.h"
+
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstdio>
+#include <exception>
+#include <new>
+#include <sstream>
+
+namespace atm
+{
+namespace plugin
+{
+
+using nvinfer1::DataType;
+using nvinfer1::DimsExprs;
+using nvinfer1::DynamicPluginTensorDesc;
+using nvinfer1::IDimensionExpr;
+using nvinfer1::IExprBuilder;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldCollection;
+using nvinfer1::PluginFieldType;
+using nvinfer1::PluginTensorDesc;
+
+// The kernel library's field codes are TensorRT's, so fields convert with a cast.
+// enqueue narrows the int64 count to the INT32 size tensor by copying its low four bytes.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the count narrowing assumes a little-endian target");
+static_assert(static_cast<int32_t>(PluginFieldType::kFLOAT16) == ATM_FIELD_FLOAT16, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kFLOAT32) == ATM_FIELD_FLOAT32, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kFLOAT64) == ATM_FIELD_FLOAT64, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kINT8) == ATM_FIELD_INT8, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kINT16) == ATM_FIELD_INT16, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kINT32) == ATM_FIELD_INT32, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kCHAR) == ATM_FIELD_CHAR, "field type codes");
+static_assert(static_cast<int32_t>(PluginFieldType::kINT64) == ATM_FIELD_INT64, "field type codes");
+
+namespace
+{
+
+constexpr int32_t kNbInputs = 3;
+constexpr int32_t kNbOutputs = 3;
+constexpr int32_t kSizeTensorOutput = 2;
+
+std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
+
+//! IExprBuilder as a dimension algebra for atm::tokenBounds; a null operand stays null.
+struct TrtAlgebra
+{
+    using Expr = IDimensionExpr const*;
+    IExprBuilder& builder;
+
+    Expr constant(int64_t v) const
+    {
+        return builder.constant(v);
+    }
+    Expr op(nvinfer1::DimensionOperation operation, Expr a, Expr b) const
+    {
+        return (a == nullptr || b == nullptr) ? nullptr : builder.operation(operation, *a, *b);
+    }
+    Expr sub(Expr a, Expr b) const
+    {
+        return op(nvinfer1::DimensionOperation::kSUB, a, b);
+    }
+    Expr prod(Expr a, Expr b) const
+    {
+        return op(nvinfer1::DimensionOperation::kPROD, a, b);
+    }
+    Expr min(Expr a, Expr b) const
+    {
+        return op(nvinfer1::DimensionOperation::kMIN, a, b);
+    }
+    Expr floorDiv(Expr a, Expr b) const
+    {
+        return op(nvinfer1::DimensionOperation::kFLOOR_DIV, a, b);
+    }
+    Expr ceilDiv(Expr a, Expr b) const
+    {
+        return op(nvinfer1::DimensionOperation::kCEIL_DIV, a, b);
+    }
+};
+
+bool isFloatOrHalf(DataType t)
+{
+    return t == DataType::kFLOAT || t == DataType::kHALF;
+}
+
+int32_t kernelDtype(DataType t)
+{
+    return t == DataType::kHALF ? ATM_DTYPE_FLOAT16 : ATM_DTYPE_FLOAT32;
+}
+
+void copyDims(nvinfer1::Dims const& dims, int64_t* out)
+{
+    for (int32_t i = 0; i < dims.nbDims && i < nvinfer1::Dims::MAX_DIMS; ++i)
+    {
+        out[i] = dims.d[i];
+    }
+}
+
+//! The kernel library's shape check on TensorRT dims (-1 = not known yet).
+int32_t checkShapes(nvinfer1::Dims const& x, nvinfer1::Dims const& size, nvinfer1::Dims const& metric,
+    atm_token_merge_attributes const& attrs, char const* when)
+{
+    int64_t xd[nvinfer1::Dims::MAX_DIMS] = {};
+    int64_t sd[nvinfer1::Dims::MAX_DIMS] = {};
+    int64_t md[nvinfer1::Dims::MAX_DIMS] = {};
+    copyDims(x, xd);
+    copyDims(size, sd);
+    copyDims(metric, md);
+    int const status = atm_token_merge_check_shapes(xd, x.nbDims, sd, size.nbDims, md, metric.nbDims, &attrs);
+    if (status != ATM_STATUS_OK)
+    {
+        logError(std::string(when) + ": " + atm_token_merge_last_error());
+    }
+    return status;
+}
+
+//! Kernel parameters for concrete dims; false (and a log line) if the kernels cannot run them.
+bool paramsFor(nvinfer1::Dims const& x, nvinfer1::Dims const& metric, DataType type,
+    atm_token_merge_attributes const& attrs, atm_token_merge_params* params)
+{
+    if (x.nbDims != 3 || metric.nbDims != 3)
+    {
+        logError("x and metric must be 3-D");
+        return false;
+    }
+    int64_t xd[3] = {};
+    int64_t md[3] = {};
+    copyDims(x, xd);
+    copyDims(metric, md);
+    if (atm_token_merge_make_params(xd, md, &attrs, kernelDtype(type), params) != ATM_STATUS_OK)
+    {
+        logError(atm_token_merge_last_error());
+        return false;
+    }
+    return true;
+}
+
+std::string describe(atm_token_merge_attributes const& a)
+{
+    std::ostringstream s;
+    s.precision(9);
+    s << kPluginName << "(threshold=" << a.threshold << ", fixed_r=" << a.fixed_r << ", split_mode=" << a.split_mode
+      << ", num_protected=" << a.num_protected << ")";
+    return s.str();
+}
+
+} // namespace
+
+void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
+{
+    gLoggerFinder.store(finder);
+}
+
+void logError(std::string const& message) noexcept
+{
+    try
+    {
+        std::string const text = std::string("[atm_export ") + kPluginName + "] " + message;
+        nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
+        nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+        if (logger != nullptr)
+        {
+            logger->log(nvinfer1::ILogger::Severity::kERROR, text.c_str());
+            return;
+        }
+        std::fprintf(stderr, "%s\n", text.c_str());
+    }
+    catch (...)
+    {
+        // Logging must never throw into TensorRT.
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TokenMergePlugin
+
+TokenMergePlugin::TokenMergePlugin(atm_token_merge_attributes const& attrs)
+    : mAttrs(attrs)
+{
+    initFields();
+}
+
+TokenMergePlugin::TokenMergePlugin(TokenMergePlugin const& other)
+    : nvinfer1::IPluginV3(other)
+    , nvinfer1::IPluginV3OneCore(other)
+    , nvinfer1::IPluginV3OneBuild(other)
+    , nvinfer1::IPluginV3OneRuntime(other)
+    , mAttrs(other.mAttrs)
+{
+    initFields();
+}
+
+void TokenMergePlugin::initFields()
+{
+    mFields.clear();
+    mFields.emplace_back("threshold", &mAttrs.threshold, PluginFieldType::kFLOAT32, 1);
+    mFields.emplace_back("fixed_r", &mAttrs.fixed_r, PluginFieldType::kINT32, 1);
+    mFields.emplace_back("split_mode", &mAttrs.split_mode, PluginFieldType::kINT32, 1);
+    mFields.emplace_back("num_protected", &mAttrs.num_protected, PluginFieldType::kINT32, 1);
+    mFields.emplace_back("opt_num_tokens", &mAttrs.opt_num_tokens, PluginFieldType::kINT32, 1);
+    mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
+    mFieldCollection.fields = mFields.data();
+    mDescription = describe(mAttrs);
+}
+
+nvinfer1::IPluginCapability* TokenMergePlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+nvinfer1::IPluginV3* TokenMergePlugin::clone() noexcept
+{
+    try
+    {
+        return new TokenMergePlugin(*this);
+    }
+    catch (std::exception const& e)
+    {
+        logError(std::string("clone failed: ") + e.what());
+    }
+    return nullptr;
+}
+
+char const* TokenMergePlugin::getPluginName() const noexcept
+{
+    return kPluginName;
+}
+
+char const* TokenMergePlugin::getPluginVersion() const noexcept
+{
+    return kPluginVersion;
+}
+
+char const* TokenMergePlugin::getPluginNamespace() const noexcept
+{
+    return kPluginNamespace;
+}
+
+int32_t TokenMergePlugin::getNbOutputs() const noexcept
+{
+    return kNbOutputs;
+}
+
+int32_t TokenMergePlugin::getOutputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    {
+        logError("expects 3 inputs (x, size, metric) and 3 outputs");
+        return -1;
+    }
+    outputTypes[0] = inputTypes[0];
+    outputTypes[1] = DataType::kFLOAT;
+    // The headers of every TensorRT 10/11 release say size tensors must be INT32 (newer samples also
+    // use INT64); INT32 is accepted by all of them. The ONNX graph casts num_tokens to int64.
+    outputTypes[kSizeTensorOutput] = DataType::kINT32;
+    return 0;
+}
+
+int32_t TokenMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
+    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || inputs[0].nbDims != 3 || inputs[1].nbDims != 2
+        || inputs[2].nbDims != 3)
+    {
+        logError("expects x [B, N, C], size [B, N], metric [B, N, D] and 3 outputs");
+        return -1;
+    }
+    IDimensionExpr const* n = inputs[0].d[1];
+    if (n->isConstant() && n->getConstantValue() - mAttrs.num_protected < 1)
+    {
+        logError("N = " + std::to_string(n->getConstantValue()) + " leaves no token to merge with num_protected = "
+            + std::to_string(mAttrs.num_protected));
+        return -1;
+    }
+    // upper = N (r = 0); opt = the exporter's recorded count (opt_num_tokens), or N - the expected r.
+    // opt must not depend on a size tensor: when N is one (any merge after the first) and no
+    // count was recorded, fall back to a constant.
+    TrtAlgebra alg{exprBuilder};
+    TokenBounds<IDimensionExpr const*> bounds = tokenBounds(alg, n, mAttrs);
+    if (mAttrs.opt_num_tokens <= 0 && !n->isConstant())
+    {
+        bounds.opt = exprBuilder.constant(mAttrs.num_protected + 1);
+    }
+    IDimensionExpr const* k
+        = bounds.opt != nullptr ? exprBuilder.declareSizeTensor(kSizeTensorOutput, *bounds.opt, *bounds.upper) : nullptr;
+    if (k == nullptr)
+    {
+        logError("could not declare the num_tokens size tensor");
+        return -1;
+    }
+    outputs[0].nbDims = 3;
+    outputs[0].d[0] = inputs[0].d[0];
+    outputs[0].d[1] = k;
+    outputs[0].d[2] = inputs[0].d[2];
+    outputs[1].nbDims = 2;
+    outputs[1].d[0] = inputs[0].d[0];
+    outputs[1].d[1] = k;
+    outputs[kSizeTensorOutput].nbDims = 0; // size tensors are scalars
+    return 0;
+}
+
+bool TokenMergePlugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || pos < 0 || pos >= kNbInputs + kNbOutputs)
+    {
+        return false;
+    }
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != nvinfer1::TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    switch (pos)
+    {
+    case 0: return isFloatOrHalf(desc.type);                     // x
+    case 1: return desc.type == DataType::kFLOAT;                // size
+    case 2: return desc.type == inOut[0].desc.type;              // metric: like x
+    case 3: return desc.type == inOut[0].desc.type;              // x_out: like x
+    case 4: return desc.type == DataType::kFLOAT;                // size_out
+    default: return desc.type == DataType::kINT32;               // num_tokens (size tensor)
+    }
+}
+
+int32_t TokenMergePlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    {
+        logError("expects 3 inputs and 3 outputs");
+        return -1;
+    }
+    if (!isFloatOrHalf(in[0].desc.type) || in[2].desc.type != in[0].desc.type || in[1].desc.type != DataType::kFLOAT)
+    {
+        logError("x and metric must both be float32 or both float16, size float32");
+        return -1;
+    }
+    // Wildcard dims (-1) are allowed here; the profile's max dims must be runnable too.
+    if (checkShapes(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mAttrs, "configurePlugin") != ATM_STATUS_OK
+        || checkShapes(in[0].max, in[1].max, in[2].max, mAttrs, "configurePlugin (max shapes)") != ATM_STATUS_OK)
+    {
+        return -1;
+    }
+    return 0;
+}
+
+namespace
+{
+//! Where the int64 count slot starts after the kernels' workspace (8-byte aligned).
+size_t countSlotOffset(size_t kernelWorkspaceBytes)
+{
+    return (kernelWorkspaceBytes + alignof(int64_t) - 1) / alignof(int64_t) * alignof(int64_t);
+}
+} // namespace
+
+size_t TokenMergePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    // The workspace grows with B and N only, so the profile's max covers every runtime shape.
+    // It ends with one int64 slot for the count, which enqueue narrows into the INT32 output.
+    atm_token_merge_params params;
+    if (nbInputs != kNbInputs || !paramsFor(inputs[0].max, inputs[2].max, inputs[0].desc.type, mAttrs, &params))
+    {
+        return 0;
+    }
+    return countSlotOffset(atm_token_merge_workspace_size(&params)) + sizeof(int64_t);
+}
+
+char const* TokenMergePlugin::getTimingCacheID() noexcept
+{
+    return mDescription.c_str();
+}
+
+char const* TokenMergePlugin::getMetadataString() noexcept
+{
+    return mDescription.c_str();
+}
+
+int32_t TokenMergePlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    {
+        logError("expects 3 inputs and 3 outputs");
+        return -1;
+    }
+    atm_token_merge_params params;
+    bool const ok = checkShapes(in[0].dims, in[1].dims, in[2].dims, mAttrs, "onShapeChange") == ATM_STATUS_OK
+        && paramsFor(in[0].dims, in[2].dims, in[0].type, mAttrs, &params);
+    return ok ? 0 : -1;
+}
+
+int32_t TokenMergePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
+{
+    atm_token_merge_params params;
+    if (!paramsFor(inputDesc[0].dims, inputDesc[2].dims, inputDesc[0].type, mAttrs, &params))
+    {
+        return -1;
+    }
+    // TensorRT sized the workspace with getWorkspaceSize(max shapes) >= the size for these shapes.
+    size_t const workspaceBytes = atm_token_merge_workspace_size(&params);
+    auto* count = reinterpret_cast<int64_t*>(static_cast<unsigned char*>(workspace) + countSlotOffset(workspaceBytes));
+    int const status = atm_token_merge_enqueue(&params, inputs[0], static_cast<float const*>(inputs[1]), inputs[2],
+        outputs[0], static_cast<float*>(outputs[1]), count, workspace, workspaceBytes, stream);
+    if (status != ATM_STATUS_OK)
+    {
+        logError(std::string("enqueue: ") + atm_token_merge_status_string(status) + ": " + atm_token_merge_last_error());
+        return -1;
+    }
+    // The INT32 size tensor is the low half of the int64 count (little-endian; the count is < 2^31).
+    cudaError_t const copied = cudaMemcpyAsync(
+        outputs[kSizeTensorOutput], count, sizeof(int32_t), cudaMemcpyDeviceToDevice, stream);
+    if (copied != cudaSuccess)
+    {
+        logError(std::string("enqueue: copying num_tokens failed: ") + cudaGetErrorString(copied));
+        return -1;
+    }
+    return 0;
+}
+
+nvinfer1::IPluginV3* TokenMergePlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+{
+    return clone(); // no per-context resources
+}
+
+PluginFieldCollection const* TokenMergePlugin::getFieldsToSerialize() noexcept
+{
+    return &mFieldCollection;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TokenMergePluginCreator
+
+TokenMergePluginCreator::TokenMergePluginCreator()
+{
+    // The fields the ONNX parser copies from the node's attributes (missing ones keep defaults).
+    mFieldNames.emplace_back("threshold", nullptr, PluginFieldType::kFLOAT32, 1);
+    mFieldNames.emplace_back("fixed_r", nullptr, PluginFieldType::kINT32, 1);
+    mFieldNames.emplace_back("split_mode", nullptr, PluginFieldType::kINT32, 1);
+    mFieldNames.emplace_back("num_protected", nullptr, PluginFieldType::kINT32, 1);
+    mFieldNames.emplace_back("opt_num_tokens", nullptr, PluginFieldType::kINT32, 1);
+    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+    mFieldCollection.fields = mFieldNames.data();
+}
+
+char const* TokenMergePluginCreator::getPluginName() const noexcept
+{
+    return kPluginName;
+}
+
+char const* TokenMergePluginCreator::getPluginVersion() const noexcept
+{
+    return kPluginVersion;
+}
+
+char const* TokenMergePluginCreator::getPluginNamespace() const noexcept
+{
+    return kPluginNamespace;
+}
+
+PluginFieldCollection const* TokenMergePluginCreator::getFieldNames() noexcept
+{
+    return &mFieldCollection;
+}
+
+nvinfer1::IPluginV3* TokenMergePluginCreator::createPlugin(
+    char const* name, PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
+{
+    try
+    {
+        // Build and runtime phases get the same fields (getFieldsToSerialize writes these names).
+        std::vector<atm_plugin_field> fields;
+        int32_t const count = fc != nullptr ? fc->nbFields : 0;
+        for (int32_t i = 0; i < count; ++i)
+        {
+            PluginField const& f = fc->fields[i];
+            fields.push_back({f.name, f.data, static_cast<int32_t>(f.type), f.length});
+        }
+        atm_token_merge_attributes attrs;
+        if (atm_token_merge_parse_attributes(fields.data(), count, &attrs) != ATM_STATUS_OK)
+        {
+            logError(std::string("node ") + (name != nullptr ? name : "?") + ": " + atm_token_merge_last_error());
+            return nullptr;
+        }
+        return new TokenMergePlugin(attrs);
+    }
+    catch (std::exception const& e)
+    {
+        logError(std::string("createPlugin failed: ") + e.what());
+    }
+    return nullptr;
+}
+
+} // namespace plugin
+} // namespace atm

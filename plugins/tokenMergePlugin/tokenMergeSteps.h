@@ -1,0 +1,780 @@
+/*
+ * The TokenMerge algorithm as "block programs" shared by the CUDA kernels and the CPU executor.
+ *
+ * Each kernel is written once, as a function template over an executor `Exec`:
+ *
+ *     ex.each([&](int tid, State& state) { ...one thread's work for this phase... });
+ *
+ * On the GPU (tokenMergeKernel.cu) `each` is "__syncthreads(); run the lambda for this thread".
+ * On the CPU (tokenMergeHost.cpp) `each` runs the lambda for tid = 0 .. kBlockThreads-1 in turn.
+ * Phases are separated by a barrier in both cases, and within a phase a thread reads shared
+ * memory written in earlier phases or by itself only, so the two executions compute the same
+ * values in the same order. That is what lets CI, which has no GPU, test the kernels' tiling,
+ * indexing and tie-breaking on the CPU.
+ *
+ * Floating point: every multiply-add that should be fused is written as fmaf(); the CUDA code is
+ * built with --fmad=false and the host code with -ffp-contract=off, so nothing else is fused and
+ * both paths round identically.
+ *
+ * Steps (docs/token-merge-op.md):
+ *   split_block  (split_mode = size only) stable rank of the sizes -> token order [A..., B...]
+ *   match_block  cosine similarity A x B in 32x32 tiles, best partner per A row, count > threshold
+ *   plan_block   one block per image: r, rank of the A scores (which r merge), output row
+ *                plan (kept A tokens in A's order), merge source lists, size_out, K
+ *   merge_lane   one warp per output row: copy kept rows, size-weighted average for B rows
+ */
+#ifndef ATM_TOKEN_MERGE_STEPS_H
+#define ATM_TOKEN_MERGE_STEPS_H
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define ATM_HD __host__ __device__
+#else
+#define ATM_HD
+#endif
+
+namespace atm
+{
+namespace steps
+{
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarpSize = 32;
+//! Rows of A and of B per similarity tile, and metric features per shared-memory chunk.
+constexpr int kTile = 32;
+constexpr int kChunk = 32;
+//! Row stride of a shared tile: +4 floats keeps rows 16-byte aligned for float4 reads, and the
+//! 8 threads of a float4 access phase land on different banks.
+constexpr int kTileStride = kChunk + 4;
+//! The 256 threads of a match block form a 16 x 16 grid; each owns 2 A rows x 2 B columns.
+constexpr int kHalfTile = kTile / 2;
+constexpr int kMergeRowsPerBlock = kBlockThreads / kWarpSize;
+constexpr float kNormEps = 1e-12f;
+constexpr int32_t kNoIndex = 0x7fffffff;
+
+// ---------------------------------------------------------------------------------------------
+// Element conversion. All arithmetic is float32; x and metric may be stored narrower.
+
+ATM_HD inline float toFloat(float v)
+{
+    return v;
+}
+ATM_HD inline float toFloat(__half v)
+{
+    return __half2float(v);
+}
+ATM_HD inline float toFloat(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+
+template <typename T>
+ATM_HD inline T fromFloat(float v);
+template <>
+ATM_HD inline float fromFloat<float>(float v)
+{
+    return v;
+}
+template <>
+ATM_HD inline __half fromFloat<__half>(float v)
+{
+    return __float2half_rn(v);
+}
+template <>
+ATM_HD inline __nv_bfloat16 fromFloat<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orderings. Each is a strict total order on (value, index), so ranks computed by counting
+// predecessors are a permutation: no two tokens can claim the same output slot.
+
+//! Sizes ascending, ties by lower offset (a stable sort). NaN sorts last so the order stays total.
+ATM_HD inline bool sizeBefore(float sk, int32_t k, float sj, int32_t j)
+{
+    bool const kNan = sk != sk;
+    bool const jNan = sj != sj;
+    if (kNan || jNan)
+    {
+        return kNan == jNan ? k < j : jNan;
+    }
+    return sk < sj || (sk == sj && k < j);
+}
+
+//! Scores descending, ties by lower position in A. Scores are never NaN (see cosineScore).
+ATM_HD inline bool scoreBefore(float sk, int32_t k, float si, int32_t i)
+{
+    return sk > si || (sk == si && k < i);
+}
+
+//! Best partner: the highest similarity, the first B token among equals.
+ATM_HD inline bool betterMatch(float s, int32_t j, float best, int32_t bestJ)
+{
+    return s > best || (s == best && j < bestJ);
+}
+
+//! Merge sources grouped by destination, ascending A position within a group.
+ATM_HD inline bool sourceBefore(int32_t dk, int32_t k, int32_t di, int32_t i)
+{
+    return dk < di || (dk == di && k < i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar steps.
+
+ATM_HD inline int32_t numA(int32_t unprotected)
+{
+    return (unprotected + 1) / 2;
+}
+ATM_HD inline int32_t numB(int32_t unprotected)
+{
+    return unprotected / 2;
+}
+
+//! clamp(a.b / (max(|a|, eps) * max(|b|, eps)), -1, 1). fmaxf/fminf drop NaN, so a NaN similarity
+//! becomes -1 and can never win a match.
+ATM_HD inline float cosineScore(float dot, float sumsqA, float sumsqB)
+{
+    float const normA = fmaxf(sqrtf(sumsqA), kNormEps);
+    float const normB = fmaxf(sqrtf(sumsqB), kNormEps);
+    return fminf(fmaxf(dot / (normA * normB), -1.0f), 1.0f);
+}
+
+//! r: min(fixed_r, Na) for a fixed count, else min(floor(sum of counts / B), Na); 0 without B.
+ATM_HD inline int32_t mergeCount(int32_t fixedR, int64_t totalAbove, int64_t batch, int32_t na, int32_t nb)
+{
+    if (nb == 0)
+    {
+        return 0;
+    }
+    if (fixedR >= 0)
+    {
+        return fixedR < na ? fixedR : na;
+    }
+    int64_t const mean = totalAbove / batch;
+    return mean < na ? static_cast<int32_t>(mean) : na;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which token of the image is A[i] / B[j].
+
+struct SplitView
+{
+    int32_t numProtected;
+    int32_t unprotected; //!< M = N - P
+    int32_t na;
+    int32_t nb;
+    int32_t const* order; //!< [B, M] token positions, A then B (size split); nullptr: alternate
+
+    ATM_HD int32_t aToken(int64_t b, int32_t i) const
+    {
+        return order != nullptr ? order[b * unprotected + i] : numProtected + 2 * i;
+    }
+    ATM_HD int32_t bToken(int64_t b, int32_t j) const
+    {
+        return order != nullptr ? order[b * unprotected + na + j] : numProtected + 2 * j + 1;
+    }
+};
+
+//! Threads keep nothing in registers between the phases of a program that uses this state.
+struct NoState
+{
+};
+
+// ---------------------------------------------------------------------------------------------
+// split_block: size-distinctive split. Grid (ceil(M / 256), B); dynamic shared memory M floats.
+
+struct SplitArgs
+{
+    float const* size; //!< [B, N]
+    int64_t numTokens;
+    int32_t numProtected;
+    int32_t unprotected;
+    int32_t* order; //!< [B, M] out: offsets sorted by size (stable), as token positions
+};
+
+template <class Exec>
+ATM_HD void splitBlock(Exec& ex, float* sizes, SplitArgs const& args, int64_t b, int32_t blockX)
+{
+    int32_t const m = args.unprotected;
+    ex.each([&](int tid, NoState&) {
+        for (int32_t k = tid; k < m; k += kBlockThreads)
+        {
+            sizes[k] = args.size[b * args.numTokens + args.numProtected + k];
+        }
+    });
+    ex.each([&](int tid, NoState&) {
+        int32_t const j = blockX * kBlockThreads + tid;
+        if (j >= m)
+        {
+            return;
+        }
+        float const sj = sizes[j];
+        int32_t rank = 0;
+        for (int32_t k = 0; k < m; ++k)
+        {
+            rank += sizeBefore(sizes[k], k, sj, j) ? 1 : 0;
+        }
+        args.order[b * m + rank] = args.numProtected + j;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// match_block: for 32 rows of A, the best row of B. Grid (ceil(Na / 32), B).
+
+struct MatchArgs
+{
+    void const* metric; //!< [B, N, D] of the element type
+    SplitView split;
+    int64_t numTokens;
+    int64_t dim;
+    float threshold;
+    float* score;       //!< [B, Na] out: best similarity
+    int32_t* dst;       //!< [B, Na] out: its B position
+    int32_t* tileCount; //!< [B, tilesA] out: rows of the tile with score > threshold
+    int32_t tilesA;
+};
+
+struct MatchShared
+{
+    alignas(16) float a[kTile][kTileStride];
+    alignas(16) float b[kTile][kTileStride];
+    float sumsqA[kTile];
+    float sumsqB[kTile];
+    float candScore[kTile][kHalfTile];
+    int32_t candIndex[kTile][kHalfTile];
+    int32_t above[kTile];
+};
+
+struct MatchThread
+{
+    float dot[2][2];
+    float best[2];
+    int32_t bestJ[2];
+};
+
+//! Load metric features [d0, d0 + 32) of 32 consecutive A (or B) rows into shared memory as
+//! float32; rows and features past the end read as 0, which adds nothing to dots and norms.
+template <typename T>
+ATM_HD inline void loadChunk(float (*tile)[kTileStride], MatchArgs const& args, int64_t b, int32_t first, bool sideA,
+    int64_t d0, int tid)
+{
+    T const* metric = static_cast<T const*>(args.metric);
+    int32_t const count = sideA ? args.split.na : args.split.nb;
+    for (int e = tid; e < kTile * kChunk; e += kBlockThreads)
+    {
+        int const row = e / kChunk;
+        int const d = e % kChunk;
+        int32_t const index = first + row;
+        float v = 0.0f;
+        if (index < count && d0 + d < args.dim)
+        {
+            int32_t const token = sideA ? args.split.aToken(b, index) : args.split.bToken(b, index);
+            v = toFloat(metric[(b * args.numTokens + token) * args.dim + d0 + d]);
+        }
+        tile[row][d] = v;
+    }
+}
+
+//! Four consecutive features of a shared tile row as one 16-byte shared-memory read.
+ATM_HD inline float4 quad(float const* row, int d)
+{
+    return *reinterpret_cast<float4 const*>(row + d);
+}
+
+ATM_HD inline float chunkSumsq(float const* row)
+{
+    float s = 0.0f;
+    for (int d = 0; d < kChunk; d += 4)
+    {
+        float4 const v = quad(row, d);
+        s = fmaf(v.x, v.x, s);
+        s = fmaf(v.y, v.y, s);
+        s = fmaf(v.z, v.z, s);
+        s = fmaf(v.w, v.w, s);
+    }
+    return s;
+}
+
+//! dot += a . b over four features, in feature order.
+ATM_HD inline float fma4(float4 const& a, float4 const& b, float dot)
+{
+    dot = fmaf(a.x, b.x, dot);
+    dot = fmaf(a.y, b.y, dot);
+    dot = fmaf(a.z, b.z, dot);
+    return fmaf(a.w, b.w, dot);
+}
+
+//! Thread (ty, tx) accumulates dots of A rows ty, ty+16 with B rows tx, tx+16 over one chunk;
+//! threads 0..31 also accumulate the squared norm of B row tid.
+ATM_HD inline void accumulateChunk(MatchShared& sh, MatchThread& th, int tid)
+{
+    int const ty = tid / kHalfTile;
+    int const tx = tid % kHalfTile;
+    for (int d = 0; d < kChunk; d += 4)
+    {
+        float4 const a0 = quad(sh.a[ty], d);
+        float4 const a1 = quad(sh.a[ty + kHalfTile], d);
+        float4 const b0 = quad(sh.b[tx], d);
+        float4 const b1 = quad(sh.b[tx + kHalfTile], d);
+        th.dot[0][0] = fma4(a0, b0, th.dot[0][0]);
+        th.dot[0][1] = fma4(a0, b1, th.dot[0][1]);
+        th.dot[1][0] = fma4(a1, b0, th.dot[1][0]);
+        th.dot[1][1] = fma4(a1, b1, th.dot[1][1]);
+    }
+    if (tid < kTile)
+    {
+        sh.sumsqB[tid] += chunkSumsq(sh.b[tid]);
+    }
+}
+
+//! Turn the finished dots of one B tile into similarities and keep each A row's best.
+ATM_HD inline void updateBest(MatchShared const& sh, MatchThread& th, MatchArgs const& args, int32_t row0,
+    int32_t col0, int tid)
+{
+    int const ty = tid / kHalfTile;
+    int const tx = tid % kHalfTile;
+    for (int u = 0; u < 2; ++u)
+    {
+        int const localRow = ty + u * kHalfTile;
+        if (row0 + localRow >= args.split.na)
+        {
+            continue;
+        }
+        for (int v = 0; v < 2; ++v)
+        {
+            int const localCol = tx + v * kHalfTile;
+            int32_t const j = col0 + localCol;
+            if (j >= args.split.nb)
+            {
+                continue;
+            }
+            float const s = cosineScore(th.dot[u][v], sh.sumsqA[localRow], sh.sumsqB[localCol]);
+            if (betterMatch(s, j, th.best[u], th.bestJ[u]))
+            {
+                th.best[u] = s;
+                th.bestJ[u] = j;
+            }
+        }
+    }
+}
+
+//! Thread tid < 32 reduces the 16 candidates of A row tid and writes score, dst and the flag.
+ATM_HD inline void finishRow(MatchShared& sh, MatchArgs const& args, int64_t b, int32_t row0, int tid)
+{
+    if (tid >= kTile)
+    {
+        return;
+    }
+    float best = -INFINITY;
+    int32_t bestJ = kNoIndex;
+    for (int k = 0; k < kHalfTile; ++k)
+    {
+        if (betterMatch(sh.candScore[tid][k], sh.candIndex[tid][k], best, bestJ))
+        {
+            best = sh.candScore[tid][k];
+            bestJ = sh.candIndex[tid][k];
+        }
+    }
+    int32_t const i = row0 + tid;
+    bool const valid = i < args.split.na;
+    if (valid && args.split.nb == 0)
+    {
+        best = -1.0f; // nothing to merge into (the reference's convention)
+        bestJ = 0;
+    }
+    if (valid)
+    {
+        args.score[b * args.split.na + i] = best;
+        args.dst[b * args.split.na + i] = bestJ;
+    }
+    sh.above[tid] = (valid && best > args.threshold) ? 1 : 0;
+}
+
+template <typename T, class Exec>
+ATM_HD void matchBlock(Exec& ex, MatchShared& sh, MatchArgs const& args, int64_t b, int32_t tileA)
+{
+    int32_t const row0 = tileA * kTile;
+    ex.each([&](int tid, MatchThread& th) {
+        th.best[0] = th.best[1] = -INFINITY;
+        th.bestJ[0] = th.bestJ[1] = kNoIndex;
+        if (tid < kTile)
+        {
+            sh.sumsqA[tid] = 0.0f;
+        }
+    });
+    // Squared norms of this tile's A rows.
+    for (int64_t d0 = 0; d0 < args.dim; d0 += kChunk)
+    {
+        ex.each([&](int tid, MatchThread&) { loadChunk<T>(sh.a, args, b, row0, true, d0, tid); });
+        ex.each([&](int tid, MatchThread&) {
+            if (tid < kTile)
+            {
+                sh.sumsqA[tid] += chunkSumsq(sh.a[tid]);
+            }
+        });
+    }
+    // Dots against every B tile; the A chunk is reloaded (from L1/L2) so any D fits.
+    for (int32_t col0 = 0; col0 < args.split.nb; col0 += kTile)
+    {
+        ex.each([&](int tid, MatchThread& th) {
+            th.dot[0][0] = th.dot[0][1] = th.dot[1][0] = th.dot[1][1] = 0.0f;
+            if (tid < kTile)
+            {
+                sh.sumsqB[tid] = 0.0f;
+            }
+        });
+        for (int64_t d0 = 0; d0 < args.dim; d0 += kChunk)
+        {
+            ex.each([&](int tid, MatchThread&) {
+                loadChunk<T>(sh.a, args, b, row0, true, d0, tid);
+                loadChunk<T>(sh.b, args, b, col0, false, d0, tid);
+            });
+            ex.each([&](int tid, MatchThread& th) { accumulateChunk(sh, th, tid); });
+        }
+        ex.each([&](int tid, MatchThread& th) { updateBest(sh, th, args, row0, col0, tid); });
+    }
+    ex.each([&](int tid, MatchThread& th) {
+        int const ty = tid / kHalfTile;
+        int const tx = tid % kHalfTile;
+        for (int u = 0; u < 2; ++u)
+        {
+            sh.candScore[ty + u * kHalfTile][tx] = th.best[u];
+            sh.candIndex[ty + u * kHalfTile][tx] = th.bestJ[u];
+        }
+    });
+    ex.each([&](int tid, MatchThread&) { finishRow(sh, args, b, row0, tid); });
+    ex.each([&](int tid, MatchThread&) {
+        if (tid == 0)
+        {
+            int32_t count = 0;
+            for (int k = 0; k < kTile; ++k)
+            {
+                count += sh.above[k];
+            }
+            args.tileCount[b * args.tilesA + tileA] = count;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// plan_block: one block per image. Decides r (the same in every block: each sums all counts),
+// ranks A by score to pick the r merged tokens, and writes the output row plan (protected, kept
+// A in A's order, B in B's order), the merge source lists, size_out and K.
+
+struct PlanArgs
+{
+    float const* score;
+    int32_t const* dst;
+    int32_t const* tileCount;
+    int32_t tilesA;
+    int64_t batch;
+    int32_t fixedR;
+    float const* size; //!< [B, N]
+    SplitView split;
+    int64_t numTokens;
+    int32_t* plan;       //!< [B, N] out: output row -> token to copy, or -1 - j for B row j
+    int32_t* srcOffset;  //!< [B, Nb + 1] out: merge sources of B row j are srcList[off[j] .. off[j+1])
+    int32_t* srcList;    //!< [B, Na] out: token positions of the merged A tokens
+    float* sizeOut;      //!< [B, K] out (compact)
+    int64_t* numTokensOut;
+};
+
+//! Shared memory of plan_block: this header, then score, size and dst, rank arrays of Na each.
+struct PlanShared
+{
+    int64_t partial[kBlockThreads];
+    int32_t r;
+};
+
+ATM_HD inline size_t planSharedBytes(int32_t na)
+{
+    return sizeof(PlanShared) + static_cast<size_t>(na) * (2 * sizeof(float) + 2 * sizeof(int32_t));
+}
+
+struct PlanArrays
+{
+    PlanShared* head;
+    float* score;
+    float* sizeA;
+    int32_t* dst;
+    int32_t* rank;
+};
+
+ATM_HD inline PlanArrays carvePlanShared(unsigned char* smem, int32_t na)
+{
+    PlanArrays p;
+    p.head = reinterpret_cast<PlanShared*>(smem);
+    p.score = reinterpret_cast<float*>(smem + sizeof(PlanShared));
+    p.sizeA = p.score + na;
+    p.dst = reinterpret_cast<int32_t*>(p.sizeA + na);
+    p.rank = p.dst + na;
+    return p;
+}
+
+//! Where the A token at position i goes: merged into its partner (score rank < r), or kept, in
+//! A's order, after the protected tokens (only *which* tokens merge depends on the scores).
+ATM_HD inline void emitA(PlanArrays const& sh, PlanArgs const& args, int64_t b, int32_t i, int32_t r, int64_t nOut)
+{
+    SplitView const& split = args.split;
+    int32_t const token = split.aToken(b, i);
+    if (sh.rank[i] < r)
+    {
+        int32_t pos = 0;
+        for (int32_t k = 0; k < split.na; ++k)
+        {
+            pos += (sh.rank[k] < r && sourceBefore(sh.dst[k], k, sh.dst[i], i)) ? 1 : 0;
+        }
+        args.srcList[b * split.na + pos] = token;
+        return;
+    }
+    int32_t keptBefore = 0;
+    for (int32_t k = 0; k < i; ++k)
+    {
+        keptBefore += sh.rank[k] >= r ? 1 : 0;
+    }
+    int64_t const o = split.numProtected + keptBefore;
+    args.plan[b * args.numTokens + o] = token;
+    args.sizeOut[b * nOut + o] = sh.sizeA[i];
+}
+
+//! B row j: its source-list offset and its merged size, summed in ascending A position.
+ATM_HD inline void emitB(PlanArrays const& sh, PlanArgs const& args, int64_t b, int32_t j, int32_t r, int64_t nOut)
+{
+    SplitView const& split = args.split;
+    int32_t before = 0;
+    float merged = args.size[b * args.numTokens + split.bToken(b, j)];
+    for (int32_t k = 0; k < split.na; ++k)
+    {
+        if (sh.rank[k] >= r)
+        {
+            continue;
+        }
+        before += sh.dst[k] < j ? 1 : 0;
+        if (sh.dst[k] == j)
+        {
+            merged += sh.sizeA[k];
+        }
+    }
+    args.srcOffset[b * (split.nb + 1) + j] = before;
+    int64_t const o = split.numProtected + split.na - r + j;
+    args.plan[b * args.numTokens + o] = -1 - j;
+    args.sizeOut[b * nOut + o] = merged;
+}
+
+template <class Exec>
+ATM_HD void planBlock(Exec& ex, unsigned char* smem, PlanArgs const& args, int64_t b)
+{
+    SplitView const& split = args.split;
+    int32_t const na = split.na;
+    PlanArrays const sh = carvePlanShared(smem, na);
+    int64_t const counts = args.batch * args.tilesA;
+    ex.each([&](int tid, NoState&) {
+        for (int32_t i = tid; i < na; i += kBlockThreads)
+        {
+            sh.score[i] = args.score[b * na + i];
+            sh.dst[i] = args.dst[b * na + i];
+            sh.sizeA[i] = args.size[b * args.numTokens + split.aToken(b, i)];
+        }
+        int64_t sum = 0;
+        for (int64_t k = tid; k < counts; k += kBlockThreads)
+        {
+            sum += args.tileCount[k];
+        }
+        sh.head->partial[tid] = sum;
+    });
+    for (int stride = kBlockThreads / 2; stride > 0; stride /= 2)
+    {
+        ex.each([&](int tid, NoState&) {
+            if (tid < stride)
+            {
+                sh.head->partial[tid] += sh.head->partial[tid + stride];
+            }
+        });
+    }
+    ex.each([&](int tid, NoState&) {
+        if (tid == 0)
+        {
+            sh.head->r = mergeCount(args.fixedR, sh.head->partial[0], args.batch, na, split.nb);
+        }
+        for (int32_t i = tid; i < na; i += kBlockThreads)
+        {
+            int32_t rank = 0;
+            for (int32_t k = 0; k < na; ++k)
+            {
+                rank += scoreBefore(sh.score[k], k, sh.score[i], i) ? 1 : 0;
+            }
+            sh.rank[i] = rank;
+        }
+    });
+    ex.each([&](int tid, NoState&) {
+        int32_t const r = sh.head->r;
+        int64_t const nOut = args.numTokens - r;
+        for (int32_t i = tid; i < na; i += kBlockThreads)
+        {
+            emitA(sh, args, b, i, r, nOut);
+        }
+        for (int32_t j = tid; j < split.nb; j += kBlockThreads)
+        {
+            emitB(sh, args, b, j, r, nOut);
+        }
+        for (int32_t p = tid; p < split.numProtected; p += kBlockThreads)
+        {
+            args.plan[b * args.numTokens + p] = p;
+            args.sizeOut[b * nOut + p] = args.size[b * args.numTokens + p];
+        }
+        if (tid == 0)
+        {
+            args.srcOffset[b * (split.nb + 1) + split.nb] = r;
+            if (b == 0)
+            {
+                *args.numTokensOut = nOut;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// merge_lane: one warp per output row, each lane VEC consecutive channels at a time.
+// Grid (ceil(N / 8), B); rows past K return at once.
+
+struct MergeArgs
+{
+    void const* x;        //!< [B, N, C]
+    float const* size;    //!< [B, N]
+    void* xOut;           //!< [B, K, C] (compact)
+    float const* sizeOut; //!< [B, K], from plan_block: the divisor of merged rows
+    int32_t const* plan;
+    int32_t const* srcOffset;
+    int32_t const* srcList;
+    int64_t const* numTokensOut;
+    SplitView split;
+    int64_t numTokens;
+    int64_t channels;
+};
+
+//! VEC elements as one 16-byte access when VEC > 1 (the caller checked alignment).
+template <typename T, int VEC>
+ATM_HD inline void loadVec(T const* p, float (&out)[VEC])
+{
+    if constexpr (VEC == 1)
+    {
+        out[0] = toFloat(p[0]);
+    }
+    else
+    {
+        static_assert(sizeof(T) * VEC == sizeof(uint4), "vector accesses are 16 bytes");
+        uint4 const raw = *reinterpret_cast<uint4 const*>(p);
+        T vals[VEC];
+        memcpy(static_cast<void*>(vals), &raw, sizeof(raw));
+        for (int k = 0; k < VEC; ++k)
+        {
+            out[k] = toFloat(vals[k]);
+        }
+    }
+}
+
+template <typename T, int VEC>
+ATM_HD inline void storeVec(T* p, float const (&in)[VEC])
+{
+    if constexpr (VEC == 1)
+    {
+        p[0] = fromFloat<T>(in[0]);
+    }
+    else
+    {
+        T vals[VEC];
+        for (int k = 0; k < VEC; ++k)
+        {
+            vals[k] = fromFloat<T>(in[k]);
+        }
+        uint4 raw;
+        memcpy(&raw, static_cast<void const*>(vals), sizeof(raw));
+        *reinterpret_cast<uint4*>(p) = raw;
+    }
+}
+
+//! Kept rows are copied bit for bit, without a round trip through float.
+template <typename T, int VEC>
+ATM_HD inline void copyVec(T const* from, T* to)
+{
+    if constexpr (VEC == 1)
+    {
+        to[0] = from[0];
+    }
+    else
+    {
+        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<uint4 const*>(from);
+    }
+}
+
+template <typename T, int VEC>
+ATM_HD void mergeLane(MergeArgs const& args, int64_t b, int64_t o, int lane)
+{
+    int64_t const nOut = *args.numTokensOut;
+    if (o >= nOut)
+    {
+        return;
+    }
+    int64_t const c = args.channels;
+    T const* x = static_cast<T const*>(args.x);
+    T* out = static_cast<T*>(args.xOut) + (b * nOut + o) * c;
+    int64_t const step = static_cast<int64_t>(kWarpSize) * VEC;
+    int32_t const entry = args.plan[b * args.numTokens + o];
+    if (entry >= 0)
+    {
+        T const* in = x + (b * args.numTokens + entry) * c;
+        for (int64_t k = static_cast<int64_t>(lane) * VEC; k < c; k += step)
+        {
+            copyVec<T, VEC>(in + k, out + k);
+        }
+        return;
+    }
+    // B row j: (size_t x_t + sum_s size_s x_s) / size'_j, sources in ascending A position.
+    int32_t const j = -1 - entry;
+    int32_t const target = args.split.bToken(b, j);
+    int32_t const first = args.srcOffset[b * (args.split.nb + 1) + j];
+    int32_t const last = args.srcOffset[b * (args.split.nb + 1) + j + 1];
+    int32_t const* sources = args.srcList + b * args.split.na;
+    float const targetSize = args.size[b * args.numTokens + target];
+    float const mergedSize = args.sizeOut[b * nOut + o];
+    T const* targetRow = x + (b * args.numTokens + target) * c;
+    for (int64_t k = static_cast<int64_t>(lane) * VEC; k < c; k += step)
+    {
+        float acc[VEC];
+        loadVec<T, VEC>(targetRow + k, acc);
+        for (int e = 0; e < VEC; ++e)
+        {
+            acc[e] = targetSize * acc[e];
+        }
+        for (int32_t s = first; s < last; ++s)
+        {
+            int32_t const token = sources[s];
+            float const w = args.size[b * args.numTokens + token];
+            float v[VEC];
+            loadVec<T, VEC>(x + (b * args.numTokens + token) * c + k, v);
+            for (int e = 0; e < VEC; ++e)
+            {
+                acc[e] = acc[e] + w * v[e]; // not fused: the reference rounds the product first
+            }
+        }
+        for (int e = 0; e < VEC; ++e)
+        {
+            acc[e] = acc[e] / mergedSize;
+        }
+        storeVec<T, VEC>(out + k, acc);
+    }
+}
+
+} // namespace steps
+} // namespace atm
+
+#endif // ATM_TOKEN_MERGE_STEPS_H

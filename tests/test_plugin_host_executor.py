@@ -1,0 +1,211 @@
+"""The TokenMerge kernels' block programs, run by their CPU executor, against atm_export.merge.
+
+The CPU executor (atm_token_merge_host) runs the very step functions the CUDA kernels run, with
+the same tiling and the same arithmetic order, so these tests check the kernels' algorithm in CI
+without a GPU. tests/test_cuda_kernels.py checks the CUDA launches themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atm_export import cuda_kernels, plugin_lib
+from atm_export import merge as M
+from conftest import merging_inputs
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    """The kernel library, built with CMake on first use (incremental afterwards)."""
+    if plugin_lib.find_nvcc() is None or plugin_lib.find_cmake() is None:
+        pytest.skip("nvcc and cmake are needed to build the TokenMerge kernel library (see docs/tensorrt-plugin.md)")
+    return cuda_kernels.load_library()
+
+
+def assert_same_merge(out, ref, n, *, rtol=1e-5, atol=1e-5):
+    """The kernel result equals the reference MergeStep: count, token order, sizes, values."""
+    assert out.num_tokens == n - ref.r
+    assert out.x.shape == ref.x.shape
+    torch.testing.assert_close(out.size, ref.size, rtol=0, atol=0)  # sizes are small exact integers
+    torch.testing.assert_close(out.x.float(), ref.x.float(), rtol=rtol, atol=atol)
+
+
+def run_both(x, size, metric, **kw):
+    return cuda_kernels.token_merge_host(x, size, metric, **kw), M.token_merge(x, size, metric, **kw)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+@pytest.mark.parametrize("n", [20, 21])
+def test_threshold_merging_some_matches_reference(kernels, split_mode, num_protected, n):
+    x, size, metric = merging_inputs(n=n, num_protected=num_protected)
+    out, ref = run_both(x, size, metric, threshold=0.8, split_mode=split_mode, num_protected=num_protected)
+    assert 0 < ref.r < (n - num_protected + 1) // 2, "the inputs merge some but not all A tokens"
+    assert_same_merge(out, ref, n)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+def test_threshold_merging_nothing_still_reorders(kernels, split_mode, num_protected):
+    x, size, metric = merging_inputs(n=21, num_protected=num_protected)
+    out, ref = run_both(x, size, metric, threshold=1.0, split_mode=split_mode, num_protected=num_protected)
+    assert ref.r == 0
+    assert not torch.equal(ref.x, x), "r = 0 still puts the tokens in the contract's order"
+    assert_same_merge(out, ref, 21)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+def test_threshold_merging_the_maximum(kernels, split_mode, num_protected):
+    x, size, metric = merging_inputs(n=21, num_protected=num_protected)
+    out, ref = run_both(x, size, metric, threshold=-2.0, split_mode=split_mode, num_protected=num_protected)
+    assert ref.r == (21 - num_protected + 1) // 2, "every A token merges"
+    assert_same_merge(out, ref, 21)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("r", [0, 1, 4, 100])
+def test_fixed_r_matches_reference(kernels, split_mode, r):
+    x, size, metric = merging_inputs(n=17, num_protected=1, seed=3)
+    out, ref = run_both(x, size, metric, r=r, split_mode=split_mode, num_protected=1)
+    assert ref.r == min(r, 8)
+    assert_same_merge(out, ref, 17)
+
+
+def test_batch_adaptive_count_couples_the_images(kernels):
+    """r = floor(mean of the per-image counts): images with more similar pairs give to the rest."""
+    x, size, metric = merging_inputs(batch=4, n=31, num_protected=1, seed=7)
+    metric[2] = torch.randn_like(metric[2])  # an image with (almost) nothing alike
+    out, ref = run_both(x, size, metric, threshold=0.7)
+    counts = ref.counts.tolist()
+    assert len(set(counts)) > 1, f"per-image counts differ: {counts}"
+    assert ref.r == sum(counts) // len(counts)
+    assert_same_merge(out, ref, 31)
+
+
+def exact_tie_inputs(batch=3, n=41, c=8, d=16, num_protected=1, seed=0):
+    """Metrics of +-1 entries, scaled by powers of two, with exact copies and sign flips.
+
+    Every cosine is an exact multiple of 1/d in float32 (no rounding anywhere), so repeated rows
+    give exactly equal best matches (argmax ties) and exactly equal scores (ranking ties) on every
+    backend: the tie-breaking rules decide the output.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, c, generator=g)
+    size = torch.randint(1, 4, (batch, n), generator=g).float()
+    signs = torch.randint(0, 2, (batch, n, d), generator=g).float() * 2 - 1
+    p = num_protected
+    for bi in range(batch):
+        signs[bi, p + 7 :: 12] = signs[bi, p + 1]  # equal B tokens (alternate split): argmax ties
+        for t in range(p + 2, n, 2):  # A tokens of the alternate split
+            if (t - p) % 4 == 2:
+                signs[bi, t] = signs[bi, t - 1]  # exact copy of a B token: score exactly 1
+            elif (t - p) % 8 == 0:
+                flips = torch.randperm(d, generator=g)[: int(torch.randint(1, 3, (1,), generator=g))]
+                signs[bi, t] = signs[bi, t - 1]
+                signs[bi, t, flips] *= -1  # score exactly 1 - 2 * flips / d
+    scale = 2.0 ** torch.randint(-2, 3, (batch, n, 1), generator=g).float()
+    return x, size, signs * scale
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("policy", [{"threshold": 0.5}, {"threshold": 0.95}, {"r": 7}, {"r": 13}])
+def test_exact_ties_follow_the_tie_breaking_rules(kernels, split_mode, policy):
+    x, size, metric = exact_tie_inputs()
+    split = M.split_tokens(size, 1, split_mode)
+    score, _ = M.match(metric, split)
+    assert any(len(set(row.tolist())) < len(row) for row in score), "the inputs contain exact score ties"
+    ma, mb = split.select(metric / metric.norm(dim=-1, keepdim=True))
+    sim = ma @ mb.transpose(1, 2)
+    assert ((sim == sim.amax(-1, keepdim=True)).sum(-1) > 1).any(), "some best partners are tied"
+    out, ref = run_both(x, size, metric, split_mode=split_mode, num_protected=1, **policy)
+    assert ref.r > 0
+    assert_same_merge(out, ref, x.shape[1])
+
+
+def test_argmax_ties_pick_the_first_partner(kernels):
+    """An A token identical to several B tokens merges into the first of them."""
+    x, size, metric = exact_tie_inputs(batch=1, n=9, num_protected=1)
+    metric[0, 2] = metric[0, 6] = metric[0, 8] = metric[0, 1]  # B positions 0, 2, 3 equal A token 1
+    out, ref = run_both(x, size, metric, r=1, num_protected=1)
+    assert ref.plan.src[0, 0].item() == 0 and ref.plan.dst[0, 0].item() == 0
+    assert_same_merge(out, ref, 9)
+
+
+@pytest.mark.parametrize(
+    ("batch", "n", "c", "d", "num_protected"),
+    [
+        (2, 197, 24, 64, 1),  # DeiT token count: several 32-row tiles of A and B
+        (2, 70, 20, 40, 2),  # D not a multiple of the 32-feature chunk; Na = 34 > one tile
+        (1, 66, 6, 96, 0),  # C not a multiple of 4: the scalar merge path
+    ],
+)
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+def test_multi_tile_shapes_match_reference(kernels, batch, n, c, d, num_protected, split_mode):
+    x, size, metric = merging_inputs(batch=batch, n=n, c=c, d=d, num_protected=num_protected, seed=11)
+    for policy in ({"threshold": 0.6}, {"r": (n - num_protected) // 3}):
+        out, ref = run_both(x, size, metric, split_mode=split_mode, num_protected=num_protected, **policy)
+        assert ref.r > 0
+        assert_same_merge(out, ref, n)
+
+
+@pytest.mark.parametrize("num_protected", [0, 3])
+def test_single_unprotected_token_has_nothing_to_merge_into(kernels, num_protected):
+    x, size, metric = merging_inputs(batch=2, n=num_protected + 1, num_protected=0)
+    out, ref = run_both(x, size, metric, threshold=-5.0, num_protected=num_protected)
+    assert ref.r == 0 and out.num_tokens == num_protected + 1
+    assert_same_merge(out, ref, num_protected + 1)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+def test_half_precision_accumulates_in_float32(kernels, dtype, tol, split_mode):
+    """Narrow x/metric: the contract's float32 math on the upcast values, rounded once at the end."""
+    x, size, metric = merging_inputs(batch=3, n=33, c=16, num_protected=1)
+    x, metric = x.to(dtype), metric.to(dtype)
+    out = cuda_kernels.token_merge_host(x, size, metric, threshold=0.8, split_mode=split_mode)
+    ref = M.token_merge(x.float(), size, metric.float(), threshold=0.8, split_mode=split_mode)
+    assert out.x.dtype == dtype and out.size.dtype == torch.float32
+    assert ref.r > 0
+    assert_same_merge(out, ref, 33, rtol=tol, atol=tol)
+
+
+def test_vector_and_scalar_merge_paths_agree_bitwise(kernels):
+    """16-byte accesses when rows are aligned, element accesses when not: same bits."""
+    x, size, metric = merging_inputs(batch=2, n=25, c=16, num_protected=1)
+    aligned = cuda_kernels.token_merge_host(x, size, metric, threshold=0.7)
+    storage = torch.empty(x.numel() + 1)
+    shifted = storage[1:].view_as(x)  # data pointer 4 bytes past a 16-byte boundary
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    unaligned = cuda_kernels.token_merge_host(shifted, size, metric, threshold=0.7)
+    assert aligned.num_tokens == unaligned.num_tokens < 25
+    assert torch.equal(aligned.x, unaligned.x) and torch.equal(aligned.size, unaligned.size)
+
+
+def test_results_are_deterministic(kernels):
+    x, size, metric = merging_inputs(batch=3, n=41, c=12, num_protected=1, seed=5)
+    first = cuda_kernels.token_merge_host(x, size, metric, threshold=0.6, split_mode="size")
+    second = cuda_kernels.token_merge_host(x, size, metric, threshold=0.6, split_mode="size")
+    assert torch.equal(first.x, second.x) and torch.equal(first.size, second.size)
+
+
+def test_non_contiguous_inputs_are_accepted(kernels):
+    x, size, metric = merging_inputs(batch=2, n=21, c=8, num_protected=1)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xt.is_contiguous()
+    out, ref = run_both(xt, size, metric, r=5)
+    assert_same_merge(out, ref, 21)
+
+
+def test_invalid_inputs_raise_with_the_reason(kernels):
+    x, size, metric = merging_inputs(batch=1, n=5, num_protected=0)
+    with pytest.raises(cuda_kernels.TokenMergeKernelError, match="must exceed num_protected"):
+        cuda_kernels.token_merge_host(x, size, metric, threshold=0.5, num_protected=5)
+    with pytest.raises(ValueError, match="exactly one"):
+        cuda_kernels.token_merge_host(x, size, metric)
+    with pytest.raises(TypeError, match="size must be float32"):
+        cuda_kernels.token_merge_host(x, size.double(), metric, r=1)
+    with pytest.raises(ValueError, match="cpu tensor"):
+        cuda_kernels.token_merge_host(x.to("meta"), size, metric, r=1)
