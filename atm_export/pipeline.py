@@ -267,30 +267,37 @@ def parity_all(runners: dict, refs: list, extra: dict, precisions: dict, strict:
 
 
 def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, dict]:
-    """Latency of every backend (plus the unmerged baselines) at the benchmark batch sizes."""
-    from .bench import eager_merge_share, ort_merge_share, schedule_gflops, time_calls
+    """Latency of every backend and of the unmerged baselines at the benchmark batch sizes.
+
+    Without a schedule, the merged backends merge the sample images as they would (cycled to
+    each batch size); with ``--bench-schedule`` every merged backend replays the same fixed token
+    schedule instead (a ToMe-style eager model, and copies of the exported graph whose
+    TokenMerge nodes merge a fixed r).
+    """
     from .backends import ort as ort_backend
+    from .bench import eager_merge_share, ort_merge_share, schedule_gflops, time_calls
     from .export.onnx import export_baseline, portable_flavour, with_fixed_schedule
     from .schedule import r_from_tokens, replay_config
 
     dims = ViTDims.from_timm(job.vit)
     info = {"runs": job.opts.bench_runs, "threads": torch.get_num_threads(), "batches": list(job.opts.bench_batches)}
-    timed = dict(runners)
-    atm = job.atm
+    atm, graph = job.atm, job.plugin_model
+    timed = {name: fn for name, fn in runners.items() if name != "eager_atm"}
     if job.bench_tokens:
         tokens = job.bench_tokens
         r = r_from_tokens(tokens, dims.num_prefix, job.atm.class_token_head)
         atm = patch_model(job.vit, replay_config(r, job.config.resolved_split_layer(dims.depth), job.atm.prop_attn))
-        info["schedule"] = {"tokens_per_layer": tokens, "gflops": round(schedule_gflops(dims, tokens, job.atm.class_token_head), 4),
-                            "source": job.opts.bench_schedule}
-        info["description"] = (f"fixed token schedule {tokens} ({info['schedule']['gflops']:.2f} GFLOPs), "
+        gflops = schedule_gflops(dims, tokens, job.atm.class_token_head)
+        info["schedule"] = {"tokens_per_layer": tokens, "gflops": round(gflops, 4), "source": job.opts.bench_schedule}
+        info["description"] = (f"fixed token schedule {tokens} ({gflops:.2f} GFLOPs), "
                                f"{info['runs']} timed runs after a warm-up, {info['threads']} threads")
-        timed = {"eager_atm": None}
-        if job.plugin_model is not None:
-            replay = with_fixed_schedule(job.plugin_model, r)
-            timed["ort_portable"] = ort_backend.OrtRunner(portable_flavour(replay), "portable").run
-            timed["ort_plugin"] = ort_backend.OrtRunner(replay, "plugin").run
+        timed = {}
+        if graph is not None:
+            graph = with_fixed_schedule(graph, r)
+            timed["ort_portable"] = ort_backend.OrtRunner(portable_flavour(graph), "portable").run
+            timed["ort_plugin"] = ort_backend.OrtRunner(graph, "plugin").run
     else:
+        gflops = job.report["gflops"]["atm"]
         info["description"] = (f"the sample images' own merging (cycled to each batch size), "
                                f"{info['runs']} timed runs after a warm-up, {info['threads']} threads")
 
@@ -300,11 +307,22 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
                 return model(torch.from_numpy(images))
         return run
 
-    timed["eager_atm"] = eager(atm)
-    timed = {"eager_baseline": eager(job.vit), **timed}
-    if job.plugin_model is not None:
-        with progress.step("exporting the unmerged baseline for ONNX Runtime"):
-            timed["ort_baseline"] = ort_backend.OrtRunner(export_baseline(job.vit, job.batch[:2], job.opts.opset), "baseline").run
+    timed = {"eager_baseline": eager(job.vit), "eager_atm": eager(atm), **timed}
+    if graph is not None:
+        with progress.step("exporting the unmerged baseline for the ONNX backends"):
+            baseline = export_baseline(job.vit, job.batch[:2], job.opts.opset)
+        timed["ort_baseline"] = ort_backend.OrtRunner(baseline, "baseline").run
+        if "ort_cuda_portable" in runners:
+            timed["ort_cuda_portable"] = ort_backend.OrtRunner(portable_flavour(graph), "portable", device="cuda").run
+            timed["ort_cuda_baseline"] = ort_backend.OrtRunner(baseline, "baseline", device="cuda").run
+        if "tensorrt" in runners:
+            from .backends import tensorrt as trt_backend
+
+            spec = trt_backend.job_engine_spec(job)
+            with progress.step("building TensorRT engines for the benchmark"):
+                timed["tensorrt_baseline"] = trt_backend.model_runner(baseline, spec)
+                if job.bench_tokens:
+                    timed["tensorrt"] = trt_backend.model_runner(graph, spec, job.opts.trt_plugin)
     latency: dict = {}
     for name, fn in timed.items():
         with progress.step(f"benchmark: {name} at batch sizes {list(job.opts.bench_batches)}"):
@@ -312,16 +330,27 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
                 images = take_batch(job.batch, b).numpy()
                 latency.setdefault(name, {})[str(b)] = time_calls(lambda: fn(images), job.opts.bench_runs)
             progress.note(", ".join(f"b{b}: {v['p50']:.1f} ms" for b, v in latency[name].items()))
-    largest = str(max(job.opts.bench_batches))
-    base = latency["eager_baseline"][largest]["p50"]
-    info["speedup_vs_eager_baseline"] = {n: round(base / v[largest]["p50"], 3) for n, v in latency.items()}
-    info["merge_share"] = {"eager_atm": round(eager_merge_share(atm, take_batch(job.batch, int(largest))), 4)}
-    if "ort_portable" in timed and job.plugin_model is not None:
-        replay = job.plugin_model if not job.bench_tokens else with_fixed_schedule(job.plugin_model, r)
-        profiled = ort_backend.OrtRunner(portable_flavour(replay), "portable", profile=True)
-        profiled.run(take_batch(job.batch, int(largest)).numpy())
+    largest = max(job.opts.bench_batches)
+    info["speedup"] = speedups(latency, str(largest))
+    info["flops_ratio"] = round(job.report["gflops"]["baseline"] / gflops, 3)
+    info["speedup_over_flops_ratio"] = {n: round(v / info["flops_ratio"], 3) for n, v in info["speedup"].items()}
+    info["merge_share"] = {"eager_atm": round(eager_merge_share(atm, take_batch(job.batch, largest)), 4)}
+    if graph is not None:
+        profiled = ort_backend.OrtRunner(portable_flavour(graph), "portable", profile=True)
+        profiled.run(take_batch(job.batch, largest).numpy())
         info["merge_share"]["ort_portable"] = round(ort_merge_share(profiled.end_profiling()), 4)
     return latency, info
+
+
+#: Each merged backend against the unmerged model on the same runtime.
+BASELINES = {"eager_atm": "eager_baseline", "ort_portable": "ort_baseline", "ort_plugin": "ort_baseline",
+             "ort_cuda_portable": "ort_cuda_baseline", "tensorrt": "tensorrt_baseline"}
+
+
+def speedups(latency: dict, batch: str) -> dict:
+    """p50 speed-up of every merged backend over its runtime's unmerged baseline at ``batch``."""
+    return {name: round(latency[base][batch]["p50"] / latency[name][batch]["p50"], 3)
+            for name, base in BASELINES.items() if name in latency and base in latency}
 
 
 def run_job(opts: JobOptions, progress: Progress | None = None) -> dict:

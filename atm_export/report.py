@@ -71,8 +71,15 @@ def _extra_sections(report: dict) -> list[list[str]]:
         for backend, per_batch in report["latency_ms"].items():
             for batch, r in per_batch.items():
                 rows.append(f"| {backend} | {batch} | {r['p50']:.2f} | {r['p90']:.2f} |")
-        if report.get("benchmark"):
-            rows += ["", f"Benchmark setup: {report['benchmark'].get('description', '')}"]
+        bench = report.get("benchmark") or {}
+        if bench:
+            rows += ["", f"Benchmark setup: {bench.get('description', '')}"]
+            largest = max(bench.get("batches", [0]))
+            for name, speedup in bench.get("speedup", {}).items():
+                rows.append(f"- {name}: {speedup:.2f}x over its unmerged baseline at batch {largest} "
+                            f"({bench['speedup_over_flops_ratio'][name]:.2f} of the FLOPs ratio {bench['flops_ratio']:.2f})")
+            for name, share in bench.get("merge_share", {}).items():
+                rows.append(f"- {name}: merge steps take {share * 100:.1f}% of the forward time")
         sections.append(rows)
     if report.get("skipped"):
         rows = ["## Skipped", ""]

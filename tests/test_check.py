@@ -42,6 +42,8 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
     schedule = report["benchmark"]["schedule"]
     assert schedule["gflops"] == pytest.approx(0.9, abs=0.03) and len(schedule["tokens_per_layer"]) == 12
     assert 0.0 <= report["benchmark"]["merge_share"]["ort_portable"] < 1.0
+    assert set(report["benchmark"]["speedup"]) == {"eager_atm", "ort_portable", "ort_plugin"}
+    assert report["benchmark"]["flops_ratio"] == pytest.approx(report["gflops"]["baseline"] / schedule["gflops"], rel=1e-3)
     md = (run_dir / "report.md").read_text()
     assert "## Parity against eager PyTorch" in md and "## Latency (ms)" in md and "RANDOM WEIGHTS" in md
 

@@ -87,14 +87,19 @@ class EngineSpec:
     workspace_gib: float = 4.0
 
 
-def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None) -> bytes:
-    """Parse ``model.plugin.onnx`` (with the plugin loaded) and build a serialized engine."""
+def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None,
+                 needs_plugin: bool = True) -> bytes:
+    """Parse ``model.plugin.onnx`` (with the plugin loaded) and build a serialized engine.
+
+    needs_plugin=False builds a plugin-free model (the unmerged baseline, or model.onnx).
+    """
     import tensorrt as trt
 
-    if not has_token_merge_nodes(onnx_path):
-        raise UserError(f"{onnx_path} has no {ONNX_OP} nodes: build the engine from model.plugin.onnx "
-                        "(model.onnx is the plugin-free flavour and needs no plugin)")
-    load_plugin(plugin)
+    if needs_plugin:
+        if not has_token_merge_nodes(onnx_path):
+            raise UserError(f"{onnx_path} has no {ONNX_OP} nodes: build the engine from model.plugin.onnx "
+                            "(model.onnx is the plugin-free flavour and needs no plugin)")
+        load_plugin(plugin)
     logger = _logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -157,11 +162,13 @@ def _make_output_allocator():
 class EngineRunner:
     """Runs a serialized engine: ``run(images) -> (logits, tokens_per_layer)``."""
 
-    def __init__(self, engine: bytes, plugin: str | Path | None = None, built_on: dict | None = None):
+    def __init__(self, engine: bytes, plugin: str | Path | None = None, built_on: dict | None = None,
+                 needs_plugin: bool = True):
         import tensorrt as trt
         import torch
 
-        load_plugin(plugin)
+        if needs_plugin:
+            load_plugin(plugin)
         self.runtime = trt.Runtime(_logger())
         self.engine = self.runtime.deserialize_cuda_engine(engine)
         if self.engine is None:
@@ -204,13 +211,31 @@ class EngineRunner:
         return results["logits"].astype(np.float32), None if tokens is None else tokens.astype(np.int64).tolist()
 
 
+def job_engine_spec(job) -> EngineSpec:
+    """The optimization profile that covers every batch size the job runs."""
+    batches = [job.batch.shape[0], *job.opts.parity_batches, *(job.opts.bench_batches if job.opts.benchmark else ())]
+    return EngineSpec(min_batch=1, opt_batch=job.batch.shape[0], max_batch=max(batches), precision=job.opts.trt_precision)
+
+
+def model_runner(model, spec: EngineSpec, plugin: str | Path | None = None):
+    """Build an engine from an in-memory ONNX model (plugin or not) and return its ``run``."""
+    import tempfile
+
+    import onnx
+
+    needs_plugin = any(n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN for n in model.graph.node)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, str(path))
+        engine = build_engine(path, spec, plugin, needs_plugin=needs_plugin)
+    return EngineRunner(engine, plugin, needs_plugin=needs_plugin).run
+
+
 def engine_backend(job, writer, skipped: dict):
     """Build ``model.engine`` for the job (staged with its other artifacts) and return its runner."""
     from ..progress import Progress
 
-    batches = [job.batch.shape[0], *job.opts.parity_batches, *(job.opts.bench_batches if job.opts.benchmark else ())]
-    spec = EngineSpec(min_batch=1, opt_batch=job.batch.shape[0], max_batch=max(batches),
-                      precision=job.opts.trt_precision)
+    spec = job_engine_spec(job)
     progress = getattr(job, "progress", None) or Progress(enabled=False)
     with progress.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
         engine = build_engine(writer.path("model.plugin.onnx"), spec, job.opts.trt_plugin)
