@@ -187,7 +187,7 @@ def export_onnx(job: Job, writer: ArtifactWriter, progress: Progress) -> None:
     from .export.onnx import check_model, export_plugin_flavour, portable_flavour
 
     metadata = {"model": job.entry.display_name, "timm_name": job.entry.timm_name,
-                "params": job.report["params"], "preset": job.report["preset"]}
+                "params": job.report["params"], "preset": job.report["preset"], "weights": job.weights.to_dict()}
     with progress.step("exporting model.plugin.onnx (one TokenMerge node per merge step; about a minute)"):
         stats = job.atm.last_stats
         kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
