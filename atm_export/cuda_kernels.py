@@ -232,6 +232,15 @@ def launch(
     raise_for_status(lib, status, "atm_token_merge_enqueue")
 
 
+def _prepare(x, size, metric, device_type: str, **merge_kwargs):
+    """Checked contiguous inputs, the kernel parameters, and output buffers for the upper bound N."""
+    _check_inputs(x, size, metric, device_type)
+    x, size, metric = x.contiguous(), size.contiguous(), metric.contiguous()
+    params = make_params(x, metric, **merge_kwargs)
+    outputs = (torch.empty_like(x), torch.empty_like(size), torch.empty((), dtype=torch.int64, device=x.device))
+    return x, size, metric, params, outputs
+
+
 def token_merge_cuda(
     x: torch.Tensor,
     size: torch.Tensor,
@@ -243,17 +252,12 @@ def token_merge_cuda(
     num_protected: int = 1,
 ) -> KernelMerge:
     """One merge step with the CUDA kernels. Synchronises once, to read the token count."""
-    _check_inputs(x, size, metric, "cuda")
-    x, size, metric = x.contiguous(), size.contiguous(), metric.contiguous()
-    params = make_params(x, metric, threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
-    batch, n, c = x.shape
-    x_out = torch.empty_like(x)
-    size_out = torch.empty_like(size)
-    num_tokens = torch.empty((), dtype=torch.int64, device=x.device)
+    x, size, metric, params, (x_out, size_out, num_tokens) = _prepare(
+        x, size, metric, "cuda", threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
     workspace = torch.empty(workspace_size(params), dtype=torch.uint8, device=x.device)
     launch(x, size, metric, x_out, size_out, num_tokens, workspace, params)
     k = int(num_tokens.item())
-    return KernelMerge(_compact(x_out, batch, k, c), _compact(size_out, batch, k), k)
+    return KernelMerge(_compact(x_out, x.shape[0], k, x.shape[2]), _compact(size_out, x.shape[0], k), k)
 
 
 def token_merge_host(
@@ -267,17 +271,12 @@ def token_merge_host(
     num_protected: int = 1,
 ) -> KernelMerge:
     """One merge step with the kernels' CPU executor (CPU tensors)."""
-    _check_inputs(x, size, metric, "cpu")
-    x, size, metric = x.contiguous(), size.contiguous(), metric.contiguous()
-    params = make_params(x, metric, threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
-    batch, n, c = x.shape
-    x_out = torch.empty_like(x)
-    size_out = torch.empty_like(size)
-    num_tokens = torch.empty((), dtype=torch.int64)
+    x, size, metric, params, (x_out, size_out, num_tokens) = _prepare(
+        x, size, metric, "cpu", threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
     lib = load_library()
     status = lib.atm_token_merge_host(
         ctypes.byref(params), _ptr(x), _ptr(size), _ptr(metric), _ptr(x_out), _ptr(size_out), _ptr(num_tokens)
     )
     raise_for_status(lib, status, "atm_token_merge_host")
     k = int(num_tokens.item())
-    return KernelMerge(_compact(x_out, batch, k, c), _compact(size_out, batch, k), k)
+    return KernelMerge(_compact(x_out, x.shape[0], k, x.shape[2]), _compact(size_out, x.shape[0], k), k)
