@@ -370,6 +370,11 @@ def run_job(opts: JobOptions, progress: Progress | None = None) -> dict:
                                 "merge batch-adaptively (use --policy atm, or --no-onnx)")
         if opts.bench_schedule and not opts.benchmark:
             raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
+        if opts.export and opts.tensorrt:
+            from .backends import tensorrt as trt_backend
+
+            if trt_backend.unavailable_reason() is None:
+                trt_backend.load_plugin(opts.trt_plugin)  # a missing plugin fails now, not after the export
         writer = ArtifactWriter(opts.output, force=opts.force)
         job = load(opts, progress)
         if opts.bench_schedule:
