@@ -269,7 +269,14 @@ def ort_extra_checks(plugin_model, plugin_run: Backend, portable_model=None) -> 
 
     from .export.lowering import shared_graph_difference
 
-    checks = {"ort_plugin": {"replay": partial(replay_check, plugin_run)}}
+    replays: dict[int, dict] = {}
+
+    def replay(ref: Reference) -> dict:  # one replay per batch, shared by both backends
+        if id(ref) not in replays:
+            replays[id(ref)] = replay_check(plugin_run, ref)
+        return replays[id(ref)]
+
+    checks = {"ort_plugin": {"replay": replay}}
     if portable_model is not None:
         difference = shared_graph_difference(portable_model, plugin_model)
         if difference:
@@ -277,5 +284,5 @@ def ort_extra_checks(plugin_model, plugin_run: Backend, portable_model=None) -> 
             checks["ort_portable"] = {"integrity": lambda ref: {"status": FAILED, "note": note}}
         else:
             checks["ort_portable"] = {"lowering": partial(lowering_check, portable_model, plugin_model),
-                                      "replay of the shared graph": partial(replay_check, plugin_run)}
+                                      "replay of the shared graph": replay}
     return checks

@@ -281,7 +281,7 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
 
     dims = ViTDims.from_timm(job.vit)
     info = {"runs": job.opts.bench_runs, "threads": torch.get_num_threads(), "batches": list(job.opts.bench_batches)}
-    atm, graph = job.atm, job.plugin_model
+    atm, graph, lowered = job.atm, job.plugin_model, job.portable_model
     timed = {name: fn for name, fn in runners.items() if name != "eager_atm"}
     if job.bench_tokens:
         tokens = job.bench_tokens
@@ -294,7 +294,8 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
         timed = {}
         if graph is not None:
             graph = with_fixed_schedule(graph, r)
-            timed["ort_portable"] = ort_backend.OrtRunner(portable_flavour(graph), "portable").run
+            lowered = portable_flavour(graph)
+            timed["ort_portable"] = ort_backend.OrtRunner(lowered, "portable").run
             timed["ort_plugin"] = ort_backend.OrtRunner(graph, "plugin").run
     else:
         gflops = job.report["gflops"]["atm"]
@@ -313,7 +314,7 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
             baseline = export_baseline(job.vit, job.batch[:2], job.opts.opset)
         timed["ort_baseline"] = ort_backend.OrtRunner(baseline, "baseline").run
         if "ort_cuda_portable" in runners:
-            timed["ort_cuda_portable"] = ort_backend.OrtRunner(portable_flavour(graph), "portable", device="cuda").run
+            timed["ort_cuda_portable"] = ort_backend.OrtRunner(lowered, "portable", device="cuda").run
             timed["ort_cuda_baseline"] = ort_backend.OrtRunner(baseline, "baseline", device="cuda").run
         if "tensorrt" in runners:
             from .backends import tensorrt as trt_backend
@@ -336,7 +337,7 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
     info["speedup_over_flops_ratio"] = {n: round(v / info["flops_ratio"], 3) for n, v in info["speedup"].items()}
     info["merge_share"] = {"eager_atm": round(eager_merge_share(atm, take_batch(job.batch, largest)), 4)}
     if graph is not None:
-        profiled = ort_backend.OrtRunner(portable_flavour(graph), "portable", profile=True)
+        profiled = ort_backend.OrtRunner(lowered, "portable", profile=True)
         profiled.run(take_batch(job.batch, largest).numpy())
         info["merge_share"]["ort_portable"] = round(ort_merge_share(profiled.end_profiling()), 4)
     return latency, info
