@@ -11,9 +11,10 @@ Where things live:
 - the command line: ``atm_export.cli``
 """
 
+from .errors import NonFiniteInputError
 from .merge import token_merge
 from .patch import ATMVisionTransformer, patch_model
 from .schedule import MergeConfig
 
-__all__ = ["ATMVisionTransformer", "MergeConfig", "patch_model", "token_merge"]
-__version__ = "0.1.0"
+__all__ = ["ATMVisionTransformer", "MergeConfig", "NonFiniteInputError", "patch_model", "token_merge"]
+__version__ = "0.2.0"

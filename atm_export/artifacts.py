@@ -2,19 +2,33 @@
 
 A run writes every file into a hidden staging directory inside the output directory. On
 success each file is moved into place with an atomic rename (report.json last, so its
-presence means a complete set); on failure the staging directory is deleted. A failed run
-therefore leaves no half-written file and does not touch the previous run's artifacts.
+presence means a complete set); on failure or interruption the staging directory is deleted.
+A failed run therefore leaves no half-written file and does not touch the previous run's
+artifacts.
+
+A run killed without a chance to clean up (SIGKILL, power loss) leaves its staging directory
+behind. While a run is alive it holds an exclusive lock on a file in its staging directory;
+the operating system drops the lock when the process dies, however it dies. The next run in
+the same output directory removes the staging directories whose lock it can take, which are
+exactly those of dead runs, and leaves a live run's alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import UserError
+from .signals import deferred
+
+STAGING_PREFIX = ".atm-export-staging-"
+LOCK_NAME = ".lock"
+UNLOCKED_GRACE_S = 60.0
 
 #: Files a run may write. An output directory holding any of them is not overwritten without --force.
 ARTIFACT_NAMES = (
@@ -39,14 +53,22 @@ class ArtifactWriter:
                 f"{self.directory} already holds artifacts of an earlier run ({', '.join(existing)}); "
                 "pass --force to replace them, or choose another --output"
             )
-        self._created = not self.directory.exists()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=".atm-export-staging-", dir=self.directory))
-        except OSError as exc:
-            raise UserError(f"cannot write to output directory {self.directory}: {exc.strerror or exc}") from None
         self.force = force
         self._staged: list[str] = []
+        # the directories this run creates (deepest first): an aborted run removes them again
+        self._created = [d for d in (self.directory, *self.directory.parents) if not d.exists()]
+        try:
+            with deferred():  # a signal is raised only once the staging directory is complete
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.removed_stale = remove_stale_staging(self.directory)
+                self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.directory))
+                self._lock = _hold_lock(self.staging / LOCK_NAME)
+        except OSError as exc:
+            self._undo()
+            raise UserError(f"cannot write to output directory {self.directory}: {exc.strerror or exc}") from None
+        except BaseException:  # e.g. the deferred signal: nobody else holds this writer yet
+            self._undo()
+            raise
 
     def path(self, name: str) -> Path:
         """Where to write artifact ``name`` now (inside the staging directory)."""
@@ -70,27 +92,40 @@ class ArtifactWriter:
     def commit(self) -> list[Path]:
         """Move the staged files into the output directory; report.json goes last."""
         order = sorted(self._staged, key=lambda n: n == "report.json")
-        if self.force:
-            for name in ARTIFACT_NAMES:  # an earlier run's files this run does not replace
-                stale = self.directory / name
-                if name not in self._staged and stale.exists():
-                    stale.unlink()
         moved = []
-        for name in order:
-            src = self.staging / name
-            if src.exists():
-                os.replace(src, self.directory / name)
-                moved.append(self.directory / name)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        with deferred():  # once files start moving, finish: an interrupted commit would mix two runs
+            if self.force:
+                for name in ARTIFACT_NAMES:  # an earlier run's files this run does not replace
+                    stale = self.directory / name
+                    if name not in self._staged and stale.exists():
+                        stale.unlink()
+            for name in order:
+                src = self.staging / name
+                if src.exists():
+                    os.replace(src, self.directory / name)
+                    moved.append(self.directory / name)
+            self._remove_staging()
         return moved
 
     def abort(self) -> None:
+        with deferred():
+            self._remove_staging()
+            for directory in self._created:
+                try:
+                    directory.rmdir()  # only if empty: never anything the run did not create
+                except OSError:
+                    break
+
+    def _remove_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        if self._created:
-            try:
-                self.directory.rmdir()
-            except OSError:
-                pass
+        os.close(self._lock)
+
+    def _undo(self) -> None:
+        """Remove what a failed ``__init__`` created."""
+        if hasattr(self, "_lock"):
+            self.abort()
+        elif hasattr(self, "staging"):
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -100,3 +135,43 @@ class ArtifactWriter:
             self.commit()
         else:
             self.abort()
+
+
+def _hold_lock(path: Path) -> int:
+    """Create ``path`` and hold an exclusive lock on it until the descriptor is closed."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove the staging directories in ``directory`` left by runs that no longer exist.
+
+    A directory counts as stale when its lock file can be locked (its run is gone), or when it
+    has none and is older than a minute (its run died between creating it and locking it; a
+    younger one may be a live run about to lock). Returns what was removed.
+    """
+    removed = []
+    for candidate in sorted(directory.glob(STAGING_PREFIX + "*")):
+        if not candidate.is_dir() or candidate.is_symlink():
+            continue
+        try:
+            fd = os.open(candidate / LOCK_NAME, os.O_RDWR)
+        except FileNotFoundError:
+            if time.time() - candidate.stat().st_mtime < UNLOCKED_GRACE_S:
+                continue
+            fd = None
+        except OSError:
+            continue  # not ours to judge
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run holds it
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed

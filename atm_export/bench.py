@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Callable
 
@@ -18,7 +17,8 @@ import torch
 
 from .errors import UserError
 from .flops import ViTDims, image_macs
-from .merge import set_sizes
+from .merge import max_merges
+from .ops import NODE_PREFIX
 
 
 def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> dict:
@@ -50,8 +50,7 @@ def schedule_for_gflops(dims: ViTDims, target: float, prefix_last: bool = True) 
         out, m = [], m0
         for _ in range(dims.depth):
             out.append(p + m)
-            na, nb = set_sizes(m)
-            m = m - min(na if nb else 0, round(m * (1.0 - math.exp(-decay))))
+            m = m - min(max_merges(m), round(m * (1.0 - math.exp(-decay))))
         return out
 
     lo, hi = 0.0, 5.0
@@ -88,9 +87,8 @@ def parse_schedule(spec: str, dims: ViTDims, prefix_last: bool) -> list[int]:
     if len(tokens) != dims.depth or tokens[0] != dims.num_tokens:
         raise UserError(f"--bench-schedule needs {dims.depth} counts starting at {dims.num_tokens}, got {tokens}")
     for a, b in zip(tokens, tokens[1:]):
-        na, _ = set_sizes(a - dims.num_prefix)
-        if not a - na <= b <= a:
-            raise UserError(f"--bench-schedule: one block can merge at most half its tokens ({a} -> {b})")
+        if not a - max_merges(a - dims.num_prefix) <= b <= a:
+            raise UserError(f"--bench-schedule: one block can merge at most half its unprotected tokens ({a} -> {b})")
     return tokens
 
 
@@ -109,13 +107,8 @@ def eager_merge_share(model: torch.nn.Module, images: torch.Tensor) -> float:
     return merge / total if total else 0.0
 
 
-def ort_merge_share(profile_path: str, prefix: str = "TokenMerge_b") -> float:
-    """Fraction of ONNX Runtime node time spent in merge nodes (from an ORT profile file)."""
-    try:
-        with open(profile_path) as f:
-            events = json.load(f)
-    finally:
-        os.remove(profile_path)
+def ort_merge_share(events: list[dict], prefix: str = NODE_PREFIX) -> float:
+    """Fraction of ONNX Runtime node time spent in merge nodes (from profiler trace events)."""
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     total = sum(e["dur"] for e in nodes)
     merge = sum(e["dur"] for e in nodes if e["name"].startswith(prefix))

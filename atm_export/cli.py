@@ -9,12 +9,14 @@ reported as one line on stderr with a non-zero exit status.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import ParityError, UserError
+from . import signals
+from .errors import ArtifactMismatchError, NonFiniteInputError, ParityError, UserError
 
 EXIT_USAGE = 2
 
@@ -80,6 +82,8 @@ def _statuses(parity: dict) -> str:
 @click.option("--parity-batches", callback=_parse_batches, default="1,3", show_default=True,
               help="Batch sizes checked besides the sample batch.")
 @click.option("--strict-parity", is_flag=True, help="Fail also when a count differs only because a similarity sits on a threshold.")
+@click.option("--atol", type=click.FloatRange(min=0), help="Parity: absolute tolerance (default 1e-5 fp32, 2e-2 fp16).")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Parity: relative tolerance; passes when |a-b| <= atol + rtol*|b| (default 1e-4 fp32, 2e-2 fp16).")
 @click.option("--benchmark/--no-benchmark", default=True, show_default=True, help="Measure latency.")
 @click.option("--bench-batches", callback=_parse_batches, default="1,8,32", show_default=True, help="Benchmark batch sizes.")
 @click.option("--bench-runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per measurement.")
@@ -105,14 +109,21 @@ def export_cmd(model, preset, output, quiet, **kw):
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--weights", type=click.Path(dir_okay=False), help="The checkpoint the artifacts were made from, if it moved.")
 @click.option("--strict-parity", is_flag=True, help="Fail also on counts that differ only at a threshold.")
+@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default 1e-5 fp32, 2e-2 fp16; not read from the report).")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance: |a-b| <= atol + rtol*|b| (default 1e-4 fp32, 2e-2 fp16).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def check_cmd(directory, weights, strict_parity, quiet):
-    """Re-validate the artifacts in DIRECTORY against eager PyTorch (for users' CI); non-zero on failure."""
+def check_cmd(directory, weights, strict_parity, atol, rtol, quiet):
+    """Re-validate the artifacts in DIRECTORY against their report and eager PyTorch (for users' CI).
+
+    Exit 0: everything matches; 3: an artifact or a figure does not match its report, or a
+    backend disagrees with eager PyTorch; 2: the directory or its files cannot be read.
+    """
     from .check import check_artifacts
     from .progress import Progress
 
-    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, progress=Progress(enabled=not quiet))
-    click.echo(f"{directory}: parity passed ({_statuses(result)})")
+    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, progress=Progress(enabled=not quiet),
+                             atol=atol, rtol=rtol)
+    click.echo(f"{directory}: artifacts match their report; parity {_statuses(result)}")
 
 
 @cli.command("build-plugin")
@@ -149,14 +160,29 @@ def models_cmd():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the CLI, turning user errors into one line and an exit status."""
+    """Entry point: runs the CLI, turning user errors into one line and an exit status.
+
+    SIGINT and SIGTERM end the run with ``atm-export: aborted`` and status 130 or 143, after
+    removing whatever the run had staged (atm_export.signals).
+    """
+    with signals.installed():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="atm-export", standalone_mode=False)
-    except UserError as exc:
-        click.echo(f"atm-export: error: {exc}", err=True)
+    except signals.Aborted as exc:
+        click.echo("atm-export: aborted", err=True)
         return exc.exit_code
+    except (UserError, NonFiniteInputError) as exc:
+        click.echo(f"atm-export: error: {exc}", err=True)
+        return EXIT_USAGE
     except ParityError as exc:
         click.echo(f"atm-export: parity check failed: {exc}", err=True)
+        return exc.exit_code
+    except ArtifactMismatchError as exc:
+        click.echo(f"atm-export: check failed: {exc}", err=True)
         return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -166,12 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):  # a SIGINT before the handlers were installed
         click.echo("atm-export: aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("atm-export: interrupted", err=True)
-        return 130
+        return 128 + signal.SIGINT
     return 0
 
 

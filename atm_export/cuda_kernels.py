@@ -2,7 +2,8 @@
 
 One merge step of docs/token-merge-op.md on torch tensors:
 
-- :func:`token_merge_cuda`: the CUDA kernels on CUDA tensors (3 launches, 4 with the size split),
+- :func:`token_merge_cuda`: the CUDA kernels on CUDA tensors (3 launches, 4 with the size split;
+  one fewer when A is empty),
 - :func:`token_merge_host`: the same block programs run on the CPU, on CPU tensors (bitwise
   equal to the CUDA path; used where there is no GPU, e.g. CI),
 - :func:`launch`: the CUDA kernels into preallocated buffers, without synchronising (for

@@ -11,3 +11,13 @@ class ParityError(Exception):
     """A backend's outputs disagree with eager PyTorch beyond the tolerance."""
 
     exit_code = 3
+
+
+class ArtifactMismatchError(Exception):
+    """An artifact does not match what its report says it is (tampered with, or mixed up)."""
+
+    exit_code = 3
+
+
+class NonFiniteInputError(ValueError):
+    """The patched model was given NaN or infinite pixels (see ATMVisionTransformer.check_finite)."""

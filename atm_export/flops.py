@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .merge import set_sizes
+from .merge import ALTERNATE, set_sizes
 
 LAYERNORM_MACS_PER_ELEMENT = 2
 
@@ -79,7 +79,7 @@ def block_macs(d: ViTDims, n_in: int, n_out: int, q_rows: int | None = None, mer
     macs += 2 * q * n_in * a  # q.k and attention.v
     macs += q * a * c  # output projection
     if merges:
-        na, nb = set_sizes(n_in - d.num_prefix)
+        na, nb = set_sizes(n_in, d.num_prefix, ALTERNATE)  # Na * Nb is the same for either split
         macs += na * nb * d.head_dim
     macs += LAYERNORM_MACS_PER_ELEMENT * n_out * c  # norm2
     macs += 2 * n_out * c * d.mlp_hidden  # fc1 and fc2

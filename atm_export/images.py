@@ -17,6 +17,10 @@ from .errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SIDE = 256
+#: PIL modes whose pixels are numbers that can be NaN or infinite (e.g. float TIFFs).
+FLOAT_MODES = ("F", "I", "I;16", "I;16B", "I;16L")
+NON_FINITE_WHY = ("it would give NaN outputs and, through the batch-adaptive merge count, change the "
+                  "token counts of every other image in its batch")
 
 
 def _canvas(color) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -113,8 +117,8 @@ def noise_images(count: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, size=(SIDE, SIDE, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def load_images(directory: str | Path, limit: int | None = None) -> list[Image.Image]:
-    """The images in ``directory`` (sorted by name), at most ``limit`` of them."""
+def load_images(directory: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
+    """The images in ``directory`` (sorted by name), at most ``limit`` of them, and their paths."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"--images: {directory} is not a directory")
@@ -125,10 +129,14 @@ def load_images(directory: str | Path, limit: int | None = None) -> list[Image.I
     for path in files[:limit]:
         try:
             with Image.open(path) as img:
+                img.load()
+                finite = img.mode not in FLOAT_MODES or bool(np.isfinite(np.asarray(img)).all())
                 images.append(img.convert("RGB"))
         except Exception as exc:
             raise UserError(f"--images: cannot read {path}: {exc}") from None
-    return images
+        if not finite:  # PIL would silently turn NaN into black
+            raise UserError(f"--images: {path} holds non-finite pixel values (NaN or inf); {NON_FINITE_WHY}")
+    return images, [str(p) for p in files[:limit]]
 
 
 def preprocess(images: list[Image.Image], model) -> torch.Tensor:
@@ -137,6 +145,14 @@ def preprocess(images: list[Image.Image], model) -> torch.Tensor:
 
     transform = create_transform(**resolve_data_config({}, model=model))
     return torch.stack([transform(img) for img in images])
+
+
+def require_finite(batch: torch.Tensor, names: list[str]) -> None:
+    """Refuse images ([B, 3, H, W], one name each) whose preprocessed pixels are not all finite."""
+    bad = [name for name, ok in zip(names, torch.isfinite(batch).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{bad[0]}{more} yields non-finite pixel values after preprocessing; {NON_FINITE_WHY}")
 
 
 def take_batch(batch: torch.Tensor, size: int) -> torch.Tensor:

@@ -4,11 +4,12 @@ One merge step, exactly as docs/token-merge-op.md specifies it (the ONNX lowerin
 Runtime reference op and the CUDA kernels all follow the same contract):
 
 1. ``split``: the first ``num_protected`` tokens (class / distillation tokens) are never
-   merged. The other M tokens are split into a source set A (ceil(M/2) tokens) and a
-   destination set B (floor(M/2) tokens), either alternately or by merging size.
+   merged. The other M tokens are split into a source set A and a destination set B, either
+   alternately by position in the whole sequence (ToMe's split) or by merging size.
 2. ``match``: every token in A picks its most similar token in B (cosine similarity of the
    metric, i.e. the attention keys averaged over heads).
-3. the caller decides ``r``, the number of pairs to merge (fixed, or from a threshold).
+3. the caller decides ``r``, the number of pairs to merge (fixed, or from a threshold), at
+   most ``max_merges(M)`` = floor(M/2), as ToMe caps it.
 4. ``plan_merge``: the r best-matched tokens of A are merged into their partners in B.
 5. ``merge_weighted`` applies the plan: size-weighted average (gather, scatter-add, divide).
 
@@ -29,9 +30,34 @@ SPLIT_MODES = (ALTERNATE, SIZE_DISTINCTIVE)
 NORM_EPS = 1e-12
 
 
-def set_sizes(num_unprotected: int) -> tuple[int, int]:
-    """Sizes (Na, Nb) of the source and destination sets for M unprotected tokens."""
-    return (num_unprotected + 1) // 2, num_unprotected // 2
+def alternate_starts(num_protected: int) -> tuple[int, int]:
+    """First positions of A and B in the alternate split.
+
+    ToMe splits the whole sequence: even positions are A, odd ones B. The protected tokens
+    (at the front) belong to neither, so A starts at the first even position >= P and B at
+    the first odd one. P = 1: A = 2, 4, 6, ... and B = 1, 3, 5, ...
+    """
+    odd = num_protected % 2
+    return num_protected + odd, num_protected + 1 - odd
+
+
+def set_sizes(num_tokens: int, num_protected: int, mode: str) -> tuple[int, int]:
+    """Sizes (Na, Nb) of the source and destination sets for N tokens, P of them protected.
+
+    Whatever the split, Na * Nb = floor(M/2) * ceil(M/2) for M = N - P unprotected tokens.
+    """
+    m = num_tokens - num_protected
+    if mode == ALTERNATE:
+        first_a, _ = alternate_starts(num_protected)
+        na = max(0, (num_tokens - first_a + 1) // 2)
+    else:
+        na = m // 2
+    return na, m - na
+
+
+def max_merges(num_unprotected: int) -> int:
+    """At most floor(M/2) pairs merge in one step (ToMe's cap), whichever the split."""
+    return max(0, num_unprotected) // 2
 
 
 def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -56,9 +82,9 @@ class Split:
 
     def select(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split t ([B, N] or [B, N, C]) into its A part and its B part."""
-        p = self.num_protected
         if self.alternate:
-            return t[:, p::2], t[:, p + 1 :: 2]
+            first_a, first_b = alternate_starts(self.num_protected)
+            return t[:, first_a::2], t[:, first_b::2]
         return take(t, self.a), take(t, self.b)
 
 
@@ -66,18 +92,18 @@ def split_tokens(size: torch.Tensor, num_protected: int, mode: str) -> Split:
     """Split the unprotected tokens into A (sources) and B (destinations).
 
     size: [B, N] merging sizes (1 for an original token).
-    ``alternate``: A = offsets 0, 2, 4, ... and B = offsets 1, 3, 5, ... after the protected
-    tokens (ToMe's split). ``size``: tokens sorted by size ascending (ties: lower index
-    first); A = the smaller ceil(M/2), B = the larger floor(M/2), both in that order, so two
-    large tokens are never merged with each other (ATM's size-distinctive matching).
+    ``alternate`` (ToMe's split): A = the unprotected tokens at even positions of the whole
+    sequence, B = those at odd positions (see ``alternate_starts``). ``size``: tokens sorted
+    by size ascending (ties: lower position first); A = the smaller floor(M/2), B = the
+    larger ceil(M/2), both in that order, so two large tokens are never merged with each
+    other (ATM's size-distinctive matching).
     """
     batch, n = size.shape
-    m = n - num_protected
-    na, _ = set_sizes(m)
+    na, _ = set_sizes(n, num_protected, mode)
     if mode == ALTERNATE:
-        offsets = torch.arange(num_protected, n, device=size.device)
-        a = offsets[0::2].expand(batch, -1)
-        b = offsets[1::2].expand(batch, -1)
+        first_a, first_b = alternate_starts(num_protected)
+        a = torch.arange(first_a, n, 2, device=size.device).expand(batch, -1)
+        b = torch.arange(first_b, n, 2, device=size.device).expand(batch, -1)
         return Split(a, b, num_protected, alternate=True)
     if mode == SIZE_DISTINCTIVE:
         order = torch.sort(size[:, num_protected:], dim=1, stable=True).indices + num_protected
@@ -114,19 +140,17 @@ def count_above(score: torch.Tensor, threshold: float) -> torch.Tensor:
     return (score > threshold).sum(dim=1)
 
 
-def batch_adaptive_r(counts: torch.Tensor, num_a: int, num_b: int) -> int:
-    """ATM's batch-adaptive merge count: floor of the batch mean of ``counts``, capped by |A|.
+def batch_adaptive_r(counts: torch.Tensor, cap: int) -> int:
+    """ATM's batch-adaptive merge count: floor of the batch mean of ``counts``, at most ``cap``.
 
     Integer arithmetic (sum // batch), so every backend gets the same r from the same counts.
     """
-    if num_b == 0:
-        return 0
-    return min(int(counts.sum().item()) // counts.shape[0], num_a)
+    return min(int(counts.sum().item()) // counts.shape[0], cap)
 
 
-def fixed_r(r: int, num_a: int, num_b: int) -> int:
-    """A fixed merge count (ToMe, or a replayed schedule), capped by |A|."""
-    return 0 if num_b == 0 else min(max(int(r), 0), num_a)
+def fixed_r(r: int, cap: int) -> int:
+    """A fixed merge count (ToMe, or a replayed schedule), at most ``cap``."""
+    return min(max(int(r), 0), cap)
 
 
 @dataclass
@@ -151,6 +175,24 @@ class MergePlan:
     @property
     def r(self) -> int:
         return self.src.shape[1]
+
+
+@dataclass
+class Choices:
+    """A merge step's decisions as input-token positions, whatever split made them.
+
+    src: [B, r] the merged-away tokens (best-matched first); dst: [B, r] the token each one
+    merges into; kept: [B, Na - r] the kept source tokens, in output order. Two runs (or two
+    backends) can be compared on these even when their A and B are indexed differently.
+    """
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    kept: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: MergePlan) -> "Choices":
+        return cls(plan.src_token, plan.split.b.gather(1, plan.dst), plan.split.a.gather(1, plan.unm))
 
 
 def plan_merge(split: Split, score: torch.Tensor, dst: torch.Tensor, r: int) -> MergePlan:
@@ -239,7 +281,7 @@ def token_merge(
     if (threshold is None) == (r is None):
         raise ValueError("give exactly one of threshold (adaptive) and r (fixed)")
     split = split_tokens(size, num_protected, split_mode)
-    na, nb = split.a.shape[1], split.b.shape[1]
+    cap = max_merges(x.shape[1] - num_protected)
     if diagnostics:
         score, dst, partner_gap = match(metric, split, runner_up=True)
     else:
@@ -247,10 +289,10 @@ def token_merge(
     counts = margin = None
     if threshold is not None:
         counts = count_above(score, threshold)
-        n_merge = batch_adaptive_r(counts, na, nb)
+        n_merge = batch_adaptive_r(counts, cap)
         margin = float((score - threshold).abs().min()) if score.numel() else None
     else:
-        n_merge = fixed_r(r, na, nb)
+        n_merge = fixed_r(r, cap)
     plan = plan_merge(split, score, dst, n_merge)
     x_out, size_out = merge_weighted(plan, x, size)
     tie_gap = None

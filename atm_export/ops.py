@@ -18,12 +18,37 @@ from .schedule import StepSpec
 
 ONNX_DOMAIN = "atm_export"
 ONNX_OP = "TokenMerge"
-OP_VERSION = 1
-PLUGIN_VERSION = "1"
+#: 2: ToMe's split of the whole sequence and the floor(M/2) cap (version 1 split after the
+#: protected tokens and let r reach ceil(M/2)); a contract change, so TensorRT and the checks
+#: refuse graphs of the other version rather than run them with the wrong split.
+OP_VERSION = 2
+PLUGIN_VERSION = str(OP_VERSION)
 PLUGIN_NAMESPACE = ONNX_DOMAIN
 
 SPLIT_CODES = {M.ALTERNATE: 0, M.SIZE_DISTINCTIVE: 1}
 SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
+NODE_PREFIX = f"{ONNX_OP}_b"
+
+
+def merge_node_name(block: int) -> str:
+    """The name of the TokenMerge node of ``block`` (1-based) in an exported graph."""
+    return f"{NODE_PREFIX}{block}"
+
+
+def merge_node_block(name: str) -> int | None:
+    """The block (1-based) a TokenMerge node name stands for, or None for another name."""
+    head, _, number = name.partition(NODE_PREFIX)
+    return int(number) if not head and number.isdigit() else None
+
+
+def step_attributes(step: StepSpec, num_protected: int) -> dict:
+    """The math attributes of the TokenMerge node for one block's StepSpec."""
+    return {
+        "threshold": 1.0 if step.threshold is None else float(step.threshold),
+        "fixed_r": -1 if step.r is None else int(step.r),
+        "split_mode": SPLIT_CODES[step.split_mode],
+        "num_protected": int(num_protected),
+    }
 
 
 @torch.library.custom_op("atm_export::token_merge", mutates_args=())
@@ -48,15 +73,15 @@ def token_merge(
 def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_protected):
     batch, n, c = x.shape
     n_out = torch.library.get_ctx().new_dynamic_size()
-    # What the merge guarantees: at most ceil((N - P) / 2) tokens go.
+    # What the merge guarantees: at most floor((N - P) / 2) tokens go.
     return x.new_empty((batch, n_out, c)), size.new_empty((batch, n_out)), torch.empty((), dtype=torch.int64)
 
 
 def token_merge_op(x, size, metric, step: StepSpec, num_protected: int):
     """Call the custom op for one block's StepSpec. Returns (x, size, num_tokens)."""
-    threshold = 1.0 if step.threshold is None else float(step.threshold)
-    fixed = -1 if step.r is None else int(step.r)
-    return torch.ops.atm_export.token_merge(x, size, metric, threshold, fixed, SPLIT_CODES[step.split_mode], num_protected)
+    a = step_attributes(step, num_protected)
+    return torch.ops.atm_export.token_merge(x, size, metric, a["threshold"], a["fixed_r"], a["split_mode"],
+                                            a["num_protected"])
 
 
 def register_onnx_schema() -> None:

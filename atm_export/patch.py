@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge as M
-from .errors import UserError
+from .errors import NonFiniteInputError, UserError
 from .schedule import MergeConfig, StepSpec
 
 SUPPORTED_POOLS = ("token", "avg")
@@ -119,9 +119,13 @@ class ATMVisionTransformer(nn.Module):
     ``atm_export::token_merge`` custom op (the exported form) and ``forward_export`` returns
     ``(logits, tokens_per_layer)`` as tensors. With ``diagnostics`` set, every merge step
     also measures how close its choices came to their runner-ups (for parity checks).
+
+    ``check_finite`` (default on): a batch holding NaN or infinite pixels raises
+    :class:`NonFiniteInputError` instead of running, because batch-adaptive merging would let
+    the broken image change every other image's token counts. Set it to False to allow them.
     """
 
-    def __init__(self, vit: nn.Module, config: MergeConfig, *, trace_source: bool = False):
+    def __init__(self, vit: nn.Module, config: MergeConfig, *, trace_source: bool = False, check_finite: bool = True):
         super().__init__()
         reason = unsupported_reason(vit)
         if reason:
@@ -134,12 +138,14 @@ class ATMVisionTransformer(nn.Module):
         self.prop_attn = self.class_token_head if config.prop_attn is None else bool(config.prop_attn)
         self.steps: list[StepSpec | None] = config.steps(self.depth, merge_in_last_block=not self.class_token_head)
         self.trace_source = trace_source
+        self.check_finite = check_finite
         self.diagnostics = False
         self.exporting = False
         self.last_stats: RunStats | None = None
 
     # ------------------------------------------------------------------ public API
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._require_finite(images)
         if self.config.per_image and images.shape[0] > 1:
             parts = [self._run(images[i : i + 1]) for i in range(images.shape[0])]
             self.last_stats = _combine_stats([p[1] for p in parts])
@@ -152,6 +158,7 @@ class ATMVisionTransformer(nn.Module):
         """Forward through the TokenMerge custom op: (logits [B, K], tokens_per_layer [L] int64)."""
         from .ops import token_merge_op
 
+        self._require_finite(images)
         vit = self.vit
         x = self._embed(images)
         batch, n, _ = x.shape
@@ -172,6 +179,16 @@ class ATMVisionTransformer(nn.Module):
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         logits = self._head(vit.norm(x), size if merged else None)
         return logits, torch.stack(counts)
+
+    def _require_finite(self, images: torch.Tensor) -> None:
+        if not self.check_finite or self.exporting:  # a data-dependent check cannot be exported
+            return
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise NonFiniteInputError(
+                f"image(s) {bad} of the batch hold NaN or infinite values; batch-adaptive merging would let "
+                "them change every image's token counts (set check_finite=False on the model to allow them)")
 
     # ------------------------------------------------------------------ the forward pass
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, RunStats]:

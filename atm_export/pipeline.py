@@ -19,12 +19,13 @@ from . import __version__
 from .artifacts import ArtifactWriter
 from .errors import ParityError, UserError
 from .flops import ViTDims, baseline_gflops, run_gflops
-from .images import builtin_images, load_images, preprocess, take_batch
+from .images import builtin_images, load_images, preprocess, require_finite, take_batch
 from .patch import ATMVisionTransformer, patch_model
 from .progress import Progress
 from .registry import ModelEntry, Preset, resolve_model
 from .report import render_markdown
 from .schedule import MergeConfig
+from .signals import deferred
 from .weights import WeightsInfo, create_model
 
 DEFAULT_PRESET = "lossless"
@@ -45,6 +46,8 @@ class JobOptions:
     opset: int = 18
     parity_batches: tuple[int, ...] = (1, 3)
     strict_parity: bool = False
+    atol: float | None = None  # parity tolerances; None: the default of each backend's precision
+    rtol: float | None = None
     benchmark: bool = True
     bench_batches: tuple[int, ...] = (1, 8, 32)
     bench_runs: int = 5
@@ -76,12 +79,15 @@ def sample_batch(model, images_dir: str | None, batch_size: int) -> tuple[torch.
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if images_dir:
-        images = load_images(images_dir, limit=batch_size)
+        images, names = load_images(images_dir, limit=batch_size)
         info = {"source": str(Path(images_dir).resolve()), "count": len(images)}
     else:
         images = builtin_images(batch_size)
+        names = [f"built-in scene {i}" for i in range(len(images))]
         info = {"source": "builtin", "count": len(images)}
-    return preprocess(images, model), info
+    batch = preprocess(images, model)
+    require_finite(batch, names)
+    return batch, info
 
 
 def environment() -> dict:
@@ -102,12 +108,26 @@ def environment() -> dict:
     }
 
 
+def run_params(config: MergeConfig, atm: ATMVisionTransformer) -> dict:
+    """The merge settings as report.json records them (``check`` re-derives and compares them)."""
+    return {**config.to_dict(atm.depth), "prop_attn": atm.prop_attn, "num_protected": atm.num_protected}
+
+
+def run_figures(atm: ATMVisionTransformer, stats) -> dict:
+    """What report.json states about the sample run (``check`` recomputes and compares them)."""
+    base = baseline_gflops(ViTDims.from_timm(atm.vit))
+    gflops_atm = run_gflops(atm, stats)
+    return {
+        "gflops": {"baseline": round(base, 4), "atm": round(gflops_atm, 4), "reduction": round(1.0 - gflops_atm / base, 4)},
+        "tokens_per_layer": stats.tokens_per_layer,
+        "r_per_layer": stats.r_per_layer,
+    }
+
+
 def core_report(entry: ModelEntry, preset: Preset | None, config: MergeConfig, atm: ATMVisionTransformer,
                 weights: WeightsInfo, images_info: dict, stats) -> dict:
     """The fields every run reports: model, settings, weights, FLOPs, token counts."""
-    dims = ViTDims.from_timm(atm.vit)
-    base = baseline_gflops(dims)
-    gflops_atm = run_gflops(atm, stats)
+    figures = run_figures(atm, stats)
     report = {
         "atm_export_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -116,18 +136,14 @@ def core_report(entry: ModelEntry, preset: Preset | None, config: MergeConfig, a
         "timm_kwargs": entry.timm_kwargs,
         "preset": preset.name if preset else None,
         "preset_source": preset.to_dict() if preset else None,
-        "params": {**config.to_dict(atm.depth), "prop_attn": atm.prop_attn, "num_protected": atm.num_protected},
+        "params": run_params(config, atm),
         "weights": weights.to_dict(),
         "images": images_info,
         "batch_size": images_info["count"],
-        "gflops": {
-            "baseline": round(base, 4),
-            "atm": round(gflops_atm, 4),
-            "reduction": round(1.0 - gflops_atm / base, 4),
-            "convention": "multiply-adds, fvcore-style; LayerNorm 2 per element (docs/flops.md)",
-        },
-        "tokens_per_layer": stats.tokens_per_layer,
-        "r_per_layer": stats.r_per_layer,
+        "gflops": {**figures["gflops"],
+                   "convention": "multiply-adds, fvcore-style; LayerNorm 2 per element (docs/flops.md)"},
+        "tokens_per_layer": figures["tokens_per_layer"],
+        "r_per_layer": figures["r_per_layer"],
         "environment": environment(),
     }
     if entry.paper_model:
@@ -240,27 +256,36 @@ def backends(job: Job, skipped: dict, writer: ArtifactWriter) -> dict:
 
 
 def run_parity(job: Job, runners: dict, progress: Progress) -> dict:
-    from .parity import ort_extra_checks, reference_run
+    from .parity import ort_extra_checks, reference_run, tolerance_for
 
     refs = [reference_run(job.atm, b) for b in parity_batches(job)]
     extra = {}
     if "ort_plugin" in runners:
-        extra = ort_extra_checks(job.plugin_model, runners["ort_plugin"], job.portable_model)
+        extra = ort_extra_checks(job.plugin_model, runners["ort_plugin"], job.portable_model,
+                                 tolerance_for("fp32", job.opts.atol, job.opts.rtol))
     precisions = {"tensorrt": job.opts.trt_precision}
-    return parity_all(runners, refs, extra, precisions, job.opts.strict_parity, progress)
+    return parity_all(runners, refs, extra, precisions, job.opts.strict_parity, progress, job.opts.atol, job.opts.rtol)
 
 
-def parity_all(runners: dict, refs: list, extra: dict, precisions: dict, strict: bool, progress: Progress) -> dict:
-    """Every backend against the eager references, with progress lines."""
-    from .parity import check_backend
+def parity_all(runners: dict, refs: list, extra: dict, precisions: dict, strict: bool, progress: Progress,
+               atol: float | None = None, rtol: float | None = None) -> dict:
+    """Every backend against the eager references, with progress lines.
+
+    atol, rtol: replace the default tolerance of each backend's precision when given.
+    """
+    from .parity import check_backend, tolerance_for
 
     results = {}
     sizes = [r.images.shape[0] for r in refs]
     for name, backend in runners.items():
-        with progress.step(f"parity: {name} against eager PyTorch at batch sizes {sizes}"):
-            results[name] = r = check_backend(backend, refs, precisions.get(name, "fp32"), strict, extra.get(name))
-            progress.note(f"{r['status']}: max abs diff {r['max_abs_diff']}, top-1 agreement {r['top1_agreement']}, "
-                          f"token counts equal {r['token_counts_equal']}")
+        precision = precisions.get(name, "fp32")
+        tol = tolerance_for(precision, atol, rtol)
+        with progress.step(f"parity: {name} against eager PyTorch at batch sizes {sizes} "
+                           f"({precision}: atol {tol.atol:g}, rtol {tol.rtol:g})"):
+            results[name] = r = check_backend(backend, refs, precision, strict, extra.get(name), tol)
+            ratio = "-" if r["max_error_ratio"] is None else f"{r['max_error_ratio']:.2g}"
+            progress.note(f"{r['status']}: max abs diff {r['max_abs_diff']}, {ratio} of the tolerance, "
+                          f"top-1 agreement {r['top1_agreement']}, token counts equal {r['token_counts_equal']}")
             for note in r["notes"]:
                 progress.note(note)
     return results
@@ -338,8 +363,8 @@ def run_benchmark(job: Job, runners: dict, progress: Progress) -> tuple[dict, di
     info["merge_share"] = {"eager_atm": round(eager_merge_share(atm, take_batch(job.batch, largest)), 4)}
     if graph is not None:
         profiled = ort_backend.OrtRunner(lowered, "portable", profile=True)
-        profiled.run(take_batch(job.batch, largest).numpy())
-        info["merge_share"]["ort_portable"] = round(ort_merge_share(profiled.end_profiling()), 4)
+        events = profiled.run_profiled(take_batch(job.batch, largest).numpy())
+        info["merge_share"]["ort_portable"] = round(ort_merge_share(events), 4)
     return latency, info
 
 
@@ -376,7 +401,11 @@ def run_job(opts: JobOptions, progress: Progress | None = None) -> dict:
 
             if trt_backend.unavailable_reason() is None:
                 trt_backend.load_plugin(opts.trt_plugin)  # a missing plugin fails now, not after the export
-        writer = ArtifactWriter(opts.output, force=opts.force)
+        with deferred():  # a signal now is raised once ``writer`` is set, so its cleanup runs
+            writer = ArtifactWriter(opts.output, force=opts.force)
+        if writer.removed_stale:
+            progress.note(f"removed {len(writer.removed_stale)} staging director"
+                          f"{'y' if len(writer.removed_stale) == 1 else 'ies'} left in {opts.output} by killed runs")
         job = load(opts, progress)
         if opts.bench_schedule:
             from .bench import parse_schedule

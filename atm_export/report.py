@@ -57,11 +57,17 @@ def _extra_sections(report: dict) -> list[list[str]]:
     sections = []
     if report.get("parity"):
         rows = ["## Parity against eager PyTorch", "",
-                "| backend | batch | max abs diff | top-1 agreement | token counts equal | status |",
-                "|---|---|---|---|---|---|"]
+                "A batch passes when the token counts are equal and every logit is within the tolerance: "
+                "|a - b| <= atol + rtol * |b|, b being eager PyTorch's logit. *of tolerance* is the largest "
+                "|a - b| / (atol + rtol * |b|): at most 1 passes.", "",
+                "| backend | tolerance | batch | max abs diff | of tolerance | top-1 agreement | token counts equal | status |",
+                "|---|---|---|---|---|---|---|---|"]
         for backend, result in report["parity"].items():
+            tol = result.get("tolerance") or {}
+            tolerance = f"atol {tol['atol']:g}, rtol {tol['rtol']:g}" if tol else "-"
             for batch, r in result.get("batches", {}).items():
-                rows.append(f"| {backend} | {batch} | {_fmt(r['max_abs_diff'], 3)} | {_fmt(r['top1_agreement'], 3)} | "
+                rows.append(f"| {backend} | {tolerance} | {batch} | {_fmt(r['max_abs_diff'], 3)} | "
+                            f"{_fmt(r.get('error_ratio'), 3)} | {_fmt(r['top1_agreement'], 3)} | "
                             f"{r['token_counts_equal']} | {r['status']} |")
             for note in result.get("notes", []):
                 rows.append(f"\n{backend}: {note}")

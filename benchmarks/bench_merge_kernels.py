@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_export import cuda_kernels  # noqa: E402
-from atm_export.merge import token_merge  # noqa: E402
+from atm_export.merge import alternate_starts, token_merge  # noqa: E402
 
 N, C, D, P = 197, 384, 64, 1
 
@@ -40,8 +40,10 @@ def inputs(batch: int, dtype: torch.dtype, seed: int = 0):
     x = torch.randn(batch, N, C, generator=g)
     size = torch.randint(1, 4, (batch, N), generator=g).float()
     metric = torch.randn(batch, N, D, generator=g)
-    a_rows = torch.arange(P, N - 1, 2)[::3]
-    metric[:, a_rows] = metric[:, a_rows + 1] + 0.3 * torch.randn(batch, len(a_rows), D, generator=g)
+    first_a, first_b = alternate_starts(P)
+    a_rows = torch.arange(first_a, N, 2)[::3]
+    partners = (a_rows - first_a) + first_b  # the B token just before (P odd) or after (P even)
+    metric[:, a_rows] = metric[:, partners] + 0.3 * torch.randn(batch, len(a_rows), D, generator=g)
     return x.to(dtype).cuda(), size.cuda(), metric.to(dtype).cuda()
 
 

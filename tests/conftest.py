@@ -54,22 +54,26 @@ def noise_batch():
 
 
 def merging_inputs(batch=3, n=21, c=6, d=32, num_protected=1, seed=0, near=(0.02, 0.5)):
-    """Token tensors where some A tokens are near copies of a B token (so merging happens).
+    """Token tensors where some A tokens (alternate split) are near copies of a B token, so
+    that merging happens.
 
     Near copies get distinct noise levels, so that their similarities are well separated and
     float32 and float64 rank them alike.
     """
+    from atm_export.merge import alternate_starts, max_merges
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, c, generator=g)
     metric = torch.randn(batch, n, d, generator=g)
     size = torch.randint(1, 5, (batch, n), generator=g).float()
-    m = n - num_protected
+    first_a, first_b = alternate_starts(num_protected)
+    a_positions = list(range(first_a, n, 2))
+    b_positions = list(range(first_b, n, 2))
     for bi in range(batch):
-        a_positions = list(range(num_protected, n, 2))
-        for k, a in enumerate(a_positions[: (m + 1) // 2 - 1]):
+        for k, a in enumerate(a_positions[: max_merges(n - num_protected) - 1]):
             if k % 3 == 2:
                 continue  # leave some tokens unlike everything
-            partner = num_protected + 1 + 2 * ((k * 5 + bi) % (m // 2))
+            partner = b_positions[(k * 5 + bi) % len(b_positions)]
             scale = near[0] + (near[1] - near[0]) * (k + 1) / len(a_positions)
             metric[bi, a] = metric[bi, partner] + scale * torch.randn(d, generator=g)
     return x, size, metric

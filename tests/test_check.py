@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -33,9 +34,12 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
     assert report["artifacts"] == ["model.onnx", "model.plugin.onnx", "report.json", "report.md"]
     for backend in ("eager_atm", "ort_portable", "ort_plugin"):
         entry = report["parity"][backend]
-        assert {"max_abs_diff", "top1_agreement", "token_counts_equal", "passed"} <= set(entry)
+        assert {"max_abs_diff", "max_error_ratio", "top1_agreement", "token_counts_equal", "passed"} <= set(entry)
         assert entry["passed"], entry["notes"]
         assert set(entry["batches"]) == {"8", "1", "3"}
+        assert entry["precision"] == "fp32"
+        assert (entry["tolerance"]["atol"], entry["tolerance"]["rtol"]) == (1e-5, 1e-4)
+        assert "atol + rtol * |b|" in entry["tolerance"]["rule"]
     assert "TensorRT not installed" in report["skipped"]["tensorrt"]
     for backend in ("eager_baseline", "eager_atm", "ort_baseline", "ort_portable", "ort_plugin"):
         assert set(report["latency_ms"][backend]["2"]) >= {"p50", "p90"}
@@ -50,7 +54,15 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
 
 def test_check_passes_on_untouched_artifacts(run_dir, capsys):
     assert main(["check", str(run_dir), "-q"]) == 0
-    assert "parity passed" in capsys.readouterr().out
+    assert "artifacts match their report; parity ort_portable passed, ort_plugin passed" in capsys.readouterr().out
+    assert main(["check", str(run_dir), "-q", "--strict-parity"]) == 0
+
+
+def test_check_tolerances_come_from_its_options(run_dir, capsys):
+    """Nothing is bit-exact across runtimes, so zero tolerances fail; generous ones pass."""
+    assert main(["check", str(run_dir), "-q", "--atol", "0", "--rtol", "0"]) == 3
+    assert "disagree with eager PyTorch" in capsys.readouterr().err
+    assert main(["check", str(run_dir), "-q", "--atol", "1e-3", "--rtol", "1e-3"]) == 0
 
 
 def _copy(run_dir, tmp_path):
@@ -59,17 +71,166 @@ def _copy(run_dir, tmp_path):
     return target
 
 
-def test_check_fails_on_a_tampered_model(run_dir, tmp_path, capsys):
-    copy = _copy(run_dir, tmp_path)
-    model = onnx.load(str(copy / "model.plugin.onnx"))
+# ---- mutations: each must make `check` exit 3 -----------------------------------------------
+
+def _merge_nodes(model):
+    return [n for n in model.graph.node if n.op_type == "TokenMerge"]
+
+
+def _set_attribute(node, name, value):
+    attr = next(a for a in node.attribute if a.name == name)
+    attr.CopyFrom(onnx.helper.make_attribute(name, value))
+
+
+def every_threshold(value):
+    def tamper(model):
+        for node in _merge_nodes(model):
+            _set_attribute(node, "threshold", value)
+    return tamper
+
+
+def one_attribute(name, value, index=3):
+    def tamper(model):
+        _set_attribute(_merge_nodes(model)[index], name, value)
+    return tamper
+
+
+def head_weight(model):
+    """Noise on the classifier's weight. (A constant added to every entry would change nothing:
+    the features entering the head come out of a LayerNorm, so they sum to zero.)"""
     head = next(t for t in model.graph.initializer if "head" in t.name and "weight" in t.name)
-    values = onnx.numpy_helper.to_array(head).copy()
-    values[:, :] += 0.05
+    values = onnx.numpy_helper.to_array(head)
+    values = values + np.random.default_rng(0).normal(0.0, 0.05, values.shape).astype(values.dtype)
     head.CopyFrom(onnx.numpy_helper.from_array(values, head.name))
-    onnx.save(model, str(copy / "model.plugin.onnx"))
+
+
+def lowered_threshold(model):
+    """The constant a lowered step compares its similarities with (block 2's), set to 0.5."""
+    greater = next(n for n in model.graph.node if n.name.startswith("TokenMerge_b2/Greater"))
+    const = next(t for t in model.graph.initializer if t.name == greater.input[1])
+    const.CopyFrom(onnx.numpy_helper.from_array(np.array(0.5, np.float32), const.name))
+
+
+@pytest.mark.parametrize("artifact, tamper, message", [
+    ("model.plugin.onnx", every_threshold(0.5), "TokenMerge_b1: threshold is 0.5"),
+    ("model.plugin.onnx", every_threshold(1.0), "TokenMerge_b1: threshold is 1"),  # merges nothing
+    ("model.plugin.onnx", one_attribute("split_mode", 1), "TokenMerge_b4: split_mode is 1 (size)"),
+    ("model.plugin.onnx", one_attribute("fixed_r", 3), "TokenMerge_b4: fixed_r is 3"),
+    ("model.plugin.onnx", one_attribute("num_protected", 2), "TokenMerge_b4: num_protected is 2"),
+    ("model.plugin.onnx", head_weight, "model.onnx is not model.plugin.onnx with its merge steps lowered"),
+    ("model.onnx", head_weight, "model.onnx is not model.plugin.onnx with its merge steps lowered"),
+    ("model.onnx", lowered_threshold, "model.onnx is not model.plugin.onnx with its merge steps lowered"),
+], ids=["thresholds-0.5", "thresholds-1.0", "split", "r", "protected", "plugin-weight", "portable-weight",
+        "portable-threshold"])
+def test_check_fails_on_a_tampered_model(run_dir, tmp_path, capsys, artifact, tamper, message):
+    copy = _copy(run_dir, tmp_path)
+    model = onnx.load(str(copy / artifact))
+    tamper(model)
+    onnx.save(model, str(copy / artifact))
+    code = main(["check", str(copy), "-q", "--strict-parity"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "check failed" in err[0] and message in err[0], err
+
+
+def test_check_fails_on_the_same_weight_changed_in_both_files(run_dir, tmp_path, capsys):
+    """Consistent tampering passes the structural checks; parity against eager catches it."""
+    copy = _copy(run_dir, tmp_path)
+    for artifact in ("model.plugin.onnx", "model.onnx"):
+        model = onnx.load(str(copy / artifact))
+        head_weight(model)
+        onnx.save(model, str(copy / artifact))
     code = main(["check", str(copy), "-q"])
-    err = capsys.readouterr().err
-    assert code == 3 and "disagree with eager PyTorch" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "disagree with eager PyTorch" in err[0], err
+
+
+def _edit_report(copy, edit):
+    report = json.loads((copy / "report.json").read_text())
+    edit(report)
+    (copy / "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["gflops"].update(atm=r["gflops"]["atm"] * 0.8), "gflops.atm is"),
+    (lambda r: r["gflops"].update(reduction=0.5), "gflops.reduction is"),
+    (lambda r: r.update(tokens_per_layer=[r["tokens_per_layer"][0]] + [t - 5 for t in r["tokens_per_layer"][1:]]),
+     "tokens_per_layer"),
+    (lambda r: r.update(r_per_layer=[v + 1 for v in r["r_per_layer"]]), "r_per_layer"),
+    (lambda r: r["params"].update(thresholds=[0.5] * len(r["params"]["thresholds"])), "params.thresholds"),
+], ids=["gflops", "reduction", "tokens", "r", "report-thresholds"])
+def test_check_fails_on_faked_report_figures(run_dir, tmp_path, capsys, edit, message):
+    copy = _copy(run_dir, tmp_path)
+    _edit_report(copy, edit)
+    code = main(["check", str(copy), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and message in err[0], err
+
+
+def test_a_changed_setting_in_the_report_is_caught_by_the_graph(run_dir, tmp_path, capsys):
+    """alpha edited in report.json (and the thresholds it gives, consistently): the graph's
+    TokenMerge nodes still carry the old thresholds."""
+    from atm_export.schedule import MergeConfig
+
+    def edit(report):
+        report["params"]["alpha"] = 0.95
+        config = MergeConfig(alpha=0.95, beta=report["params"]["beta"], theta_min=report["params"]["theta_min"])
+        report["params"]["thresholds"] = config.to_dict(12)["thresholds"]
+
+    copy = _copy(run_dir, tmp_path)
+    _edit_report(copy, edit)
+    assert main(["check", str(copy), "-q"]) == 3
+    assert "TokenMerge_b1: threshold is" in capsys.readouterr().err
+
+
+# ---- the numerical layers catch attribute tampering on their own ------------------------------
+
+@pytest.fixture(scope="module")
+def eager_reference(run_dir):
+    from atm_export.check import config_from_report, read_report, rebuild_model
+    from atm_export.parity import reference_run
+    from atm_export.patch import patch_model
+    from atm_export.pipeline import sample_batch
+
+    report = read_report(run_dir)
+    vit = rebuild_model(report, None)
+    atm = patch_model(vit, config_from_report(report["params"]))
+    batch, _ = sample_batch(vit, None, report["images"]["count"])
+    return reference_run(atm, batch[:3])
+
+
+@pytest.mark.parametrize("tamper", [every_threshold(0.5), every_threshold(1.0), one_attribute("split_mode", 1)],
+                         ids=["thresholds-0.5", "thresholds-1.0", "split"])
+def test_replay_reads_the_node_attributes(run_dir, eager_reference, tamper):
+    """The replay re-applies eager's choices, so its logits match whatever the attributes say;
+    it must still fail, because each node's own decision on eager's inputs is not eager's."""
+    from atm_export.backends.ort import OrtRunner
+    from atm_export.parity import FAILED, PASSED, replay_check
+
+    model = onnx.load(str(run_dir / "model.plugin.onnx"))
+    assert replay_check(OrtRunner(model, "plugin").run, eager_reference)["status"] == PASSED
+    tamper(model)
+    result = replay_check(OrtRunner(model, "plugin").run, eager_reference)
+    assert result["status"] == FAILED and "its attributes do not give eager's step" in result["note"], result
+
+
+def test_lowering_check_catches_a_tampered_lowered_threshold(run_dir, eager_reference):
+    from atm_export.parity import FAILED, PASSED, lowering_check
+
+    plugin = onnx.load(str(run_dir / "model.plugin.onnx"))
+    portable = onnx.load(str(run_dir / "model.onnx"))
+    assert lowering_check(portable, plugin, eager_reference)["status"] == PASSED
+    lowered_threshold(portable)
+    result = lowering_check(portable, plugin, eager_reference)
+    assert result["status"] == FAILED and 2 in result["choices_differ_in_blocks"], result
+
+
+def _as_version_1(path):
+    """What atm-export 0.1 wrote: no token_merge_version in the metadata."""
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != "atm_export.token_merge_version"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -78,6 +239,7 @@ def test_check_fails_on_a_tampered_model(run_dir, tmp_path, capsys):
      "was not written by atm-export"),
     (lambda d: (d / "report.json").unlink(), "no report.json"),
     (lambda d: (d / "model.plugin.onnx").unlink(), "is missing"),
+    (lambda d: _as_version_1(d / "model.plugin.onnx"), "with TokenMerge version 1 (another split convention)"),
 ])
 def test_check_refuses_corrupt_or_foreign_files(run_dir, tmp_path, capsys, damage, message):
     copy = _copy(run_dir, tmp_path)

@@ -89,6 +89,7 @@ def _not_writable_dir(tmp_path):
     (["deit_t", "--random-init", "--policy", "atm-per-image"], "atm-per-image"),
     (["deit_t", "--random-init", "--bench-batches", "0"], "batch sizes of at least 1"),
     (["deit_t", "--random-init", "--bench-schedule", "gflops:x"], "expected gflops:<number>"),
+    (["deit_t", "--random-init", "--atol", "-1"], "--atol"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code, _, err = run_cli([*args, "-q", "-o", str(tmp_path / "o")], capsys)
@@ -97,6 +98,49 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     assert len(lines) == 1, err
     assert lines[0].startswith("atm-export: error:") and message in lines[0], err
     assert not (tmp_path / "o").exists(), "a failed run leaves no output directory behind"
+
+
+def _float_image(path, values):
+    """A single-channel float32 TIFF: the kind of file that can hold NaN or inf pixels."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.asarray(values, np.float32), mode="F").save(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_image_with_non_finite_pixels_is_refused_by_name(tmp_path, capsys, bad):
+    import numpy as np
+
+    from atm_export.images import builtin_images
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    builtin_images(1)[0].save(images / "a.png")
+    values = np.full((64, 64), 0.5)
+    values[10:20, 10:20] = bad
+    _float_image(images / "b_broken.tif", values)
+    code, _, err = run_cli([*BASE, "--images", str(images), "-o", str(tmp_path / "o")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "b_broken.tif" in lines[0] and "non-finite" in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_pixels_after_preprocessing_are_refused_by_name(tmp_path):
+    """A broken data config (an infinite mean) turns every image into inf."""
+    import timm
+
+    from atm_export.errors import UserError
+    from atm_export.images import builtin_images
+    from atm_export.pipeline import sample_batch
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, img in enumerate(builtin_images(2)):
+        img.save(images / f"scene{i}.png")
+    model = timm.create_model("test_vit", pretrained_cfg_overlay={"mean": (float("inf"),) * 3})
+    with pytest.raises(UserError, match=r"scene0.png \(and 1 more\) yields non-finite pixel values"):
+        sample_batch(model, str(images), 2)
 
 
 def test_unwritable_output_directory(tmp_path, capsys):

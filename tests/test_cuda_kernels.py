@@ -91,13 +91,13 @@ def test_kernels_match_eager_pytorch(kernels, policy, batch, n, c, dtype, split_
     x, size, metric = exact_inputs(batch, n, c, dtype=dtype, seed=batch + n + c)
     out = cuda_kernels.token_merge_cuda(x, size, metric, **kw)
     ref = reference(x, size, metric, **kw)
-    na = (n - 1 + 1) // 2
+    cap = M.max_merges(n - 1)  # ToMe's floor(M/2)
     if policy == "merge-nothing":
         assert ref.r == 0
     elif policy == "merge-some":
-        assert 0 < ref.r < na
+        assert 0 < ref.r < cap
     elif policy in ("merge-max", "r-capped"):
-        assert ref.r == na
+        assert ref.r == cap
     assert_matches(out, ref, n, dtype)
 
 
@@ -175,3 +175,17 @@ def test_side_stream_and_cuda_graph_capture(kernels):
     k = int(bufs["num_tokens"])
     assert k == expected.num_tokens
     assert torch.equal(bufs["x_out"].reshape(-1)[: 64 * k * 384].view(64, k, 384), expected.x)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2, 3])
+def test_single_unprotected_token_on_the_gpu(kernels, split_mode, num_protected):
+    """N - P = 1: B empty (alternate, P even) or A empty (alternate with P odd, or the size split),
+    where the match launch is skipped (a grid of 0 blocks is a launch error); r = 0 either way."""
+    n = num_protected + 1
+    x, size, metric = exact_inputs(3, n, 8, d=16, num_protected=0)
+    for kw in ({"threshold": -2.0}, {"r": 4}):
+        out = cuda_kernels.token_merge_cuda(x, size, metric, split_mode=split_mode, num_protected=num_protected, **kw)
+        ref = reference(x, size, metric, split_mode=split_mode, num_protected=num_protected, **kw)
+        assert ref.r == 0
+        assert_matches(out, ref, n, torch.float32)

@@ -16,7 +16,7 @@ from atm_export.export.onnx import (check_model, custom_nodes, export_plugin_fla
                                     read_metadata, with_fixed_schedule)
 from atm_export.images import take_batch
 from atm_export.ops import ONNX_DOMAIN, ONNX_OP
-from atm_export.parity import PASSED, check_backend, ort_extra_checks, reference_run
+from atm_export.parity import PASSED, check_backend, lowering_check, ort_extra_checks, reference_run
 from conftest import TINY_MODELS, make_model
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,10 @@ def test_a_broken_merge_step_is_caught(exported, flat_images):
         if node.op_type == "ArgMax" and node.name.startswith("TokenMerge_b"):
             node.op_type = "ArgMin"
     result = _parity_of_portable(broken, plugin, atm, flat_images)
-    assert result["status"] == "failed", result["notes"]
+    assert result["status"] == "failed" and "merge steps lowered" in " ".join(result["notes"]), result["notes"]
+    # the numerical layer on its own: each lowered step run on eager's inputs
+    numerical = lowering_check(broken, plugin, reference_run(atm, take_batch(flat_images, 3)))
+    assert numerical["status"] == "failed" and numerical["choices_differ_in_blocks"], numerical
 
 
 def test_changed_weights_are_caught(exported, flat_images):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from atm_export.parity import FAILED, INCONCLUSIVE, PASSED, Reference, check_backend, compare
+from atm_export.parity import FAILED, INCONCLUSIVE, PASSED, Reference, Tolerance, check_backend, compare
 
 LOGITS = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
 
@@ -19,8 +20,34 @@ def reference(margins=None, tie_gaps=None) -> Reference:
 
 
 def test_equal_counts_and_close_logits_pass():
-    r = compare(reference(), LOGITS + 5e-5, [197, 150, 120, 100])
-    assert r["status"] == PASSED
+    r = compare(reference(), LOGITS * (1 + 9e-5) + 9e-6, [197, 150, 120, 100])
+    assert r["status"] == PASSED and 0.5 < r["error_ratio"] <= 1.0
+
+
+def test_the_tolerance_is_atol_plus_rtol_times_the_reference():
+    tol = Tolerance(atol=1e-3, rtol=1e-2)
+    expected = np.array([0.0, 1.0, 100.0])
+    assert tol.error_ratio(expected + np.array([1e-3, 0.0, 0.0]), expected) == pytest.approx(1.0)
+    assert tol.error_ratio(expected + np.array([0.0, 0.0, 1.001]), expected) == pytest.approx(1.001 / 1.001)
+    assert tol.error_ratio(expected + np.array([0.0, 0.012, 0.0]), expected) > 1.0  # 1e-3 + 1e-2 * 1 < 0.012
+    assert tol.error_ratio(np.array([np.nan, 1.0, 100.0]), expected) == float("inf")
+    assert tol.error_ratio(expected[:2], expected) == float("inf")
+
+
+def test_small_outputs_are_judged_relative_to_their_size():
+    """Features of magnitude 1e-2 (DINOv2-like) off by 1e-4: 1% wrong. An absolute 1e-4 would pass
+    them; atol + rtol * |b| with the defaults does not."""
+    small = LOGITS * 1e-2
+    ref = reference()
+    ref.logits = small
+    assert compare(ref, small + 1e-4, [197, 150, 120, 100])["status"] == FAILED
+    assert compare(ref, small * (1 + 1e-5), [197, 150, 120, 100])["status"] == PASSED
+
+
+def test_user_tolerances_replace_the_defaults():
+    loose = Tolerance(atol=1e-1, rtol=0.0)
+    assert compare(reference(), LOGITS + 5e-2, [197, 150, 120, 100], tolerance=loose)["status"] == PASSED
+    assert compare(reference(), LOGITS + 5e-2, [197, 150, 120, 100])["status"] == FAILED
 
 
 def test_far_logits_fail():
@@ -44,6 +71,34 @@ def test_logit_difference_after_a_near_tie_is_inconclusive():
     assert r["status"] == INCONCLUSIVE and r["reason"] == "near_tie"
 
 
+def test_a_partner_tie_never_explains_a_different_count_in_its_own_block():
+    """Block 1's step decides block 2's count; a tie between partners there changes which
+    tokens merge, never how many. (A threshold of 0.5 in a tampered graph looked like this.)"""
+    r = compare(reference(tie_gaps=[2e-7, 0.02, 0.03, None]), LOGITS, [197, 190, 150, 130])
+    assert r["status"] == FAILED and "block 2" in r["note"]
+
+
+def test_a_tie_in_an_earlier_block_explains_a_later_count():
+    """Different partners in block 1 change block 2's inputs, so block 2 may count otherwise."""
+    r = compare(reference(tie_gaps=[2e-7, 0.02, 0.03, None]), LOGITS + 0.1, [197, 150, 121, 101])
+    assert r["status"] == INCONCLUSIVE and r["reason"] == "near_tie" and "block 1" in r["note"]
+
+
+def test_an_earlier_near_threshold_similarity_does_not_explain_a_later_count():
+    """Block 1's count agreed, so its similarity at the threshold changed nothing."""
+    r = compare(reference(margins=[3e-7, 0.02, 0.03, None]), LOGITS, [197, 150, 121, 101])
+    assert r["status"] == FAILED and "block 3" in r["note"]
+
+
+@pytest.mark.parametrize("margins, status", [([0.01, 3e-7, 0.03, None], FAILED), ([0.01, 0.02, 0.03, 3e-7], INCONCLUSIVE)],
+                         ids=["middle-block", "last-block"])
+def test_a_near_threshold_similarity_explains_equal_counts_only_in_the_last_block(margins, status):
+    """A global-pool model merges in its last block too; that block's count shows nowhere."""
+    ref = reference(margins=margins)
+    ref.thresholds[-1] = 0.93
+    assert compare(ref, LOGITS + 0.1, [197, 150, 120, 100])["status"] == status
+
+
 def test_a_close_call_after_the_divergence_does_not_excuse_it():
     # counts differ from block 2 on (decided by block 1's step); the close call is in block 3
     r = compare(reference(margins=[0.01, 0.02, 1e-8, None]), LOGITS, [197, 151, 121, 101])
@@ -52,6 +107,7 @@ def test_a_close_call_after_the_divergence_does_not_excuse_it():
 
 def test_fp16_tolerances_are_wider():
     assert compare(reference(), LOGITS + 1e-2, [197, 150, 120, 100], precision="fp16")["status"] == PASSED
+    assert compare(reference(), LOGITS + 1e-2, [197, 150, 120, 100])["status"] == FAILED
 
 
 def test_summary_and_strict_mode():
@@ -59,6 +115,7 @@ def test_summary_and_strict_mode():
     backend = lambda images: (LOGITS + 0.1, [197, 150, 120, 100])  # noqa: E731
     loose = check_backend(backend, refs)
     assert loose["status"] == INCONCLUSIVE and not loose["passed"] and not loose["fails_run"]
+    assert loose["tolerance"]["atol"] == 1e-5 and loose["tolerance"]["rtol"] == 1e-4
     assert check_backend(backend, refs, strict=True)["fails_run"]
 
 

@@ -7,7 +7,6 @@ import torch
 
 from atm_export import MergeConfig, patch_model
 from atm_export.errors import UserError
-from atm_export.merge import set_sizes
 from conftest import TINY_MODELS, make_model
 
 NO_MERGE = {
@@ -68,8 +67,8 @@ def test_batch_adaptive_r_is_floor_of_batch_mean(tiny_models, flat_images):
     for i, counts in enumerate(stats.counts_per_layer):
         if counts is None:
             continue
-        num_a, num_b = set_sizes(int(stats.tokens_per_layer[i]) - atm.num_protected)
-        assert stats.r_per_layer[i] == min(sum(counts) // len(counts), num_a if num_b else 0)
+        cap = (int(stats.tokens_per_layer[i]) - atm.num_protected) // 2
+        assert stats.r_per_layer[i] == min(sum(counts) // len(counts), cap)
         differing += len(set(counts)) > 1
     assert differing > 0, "images should disagree somewhere, or the mean is not exercised"
 
@@ -125,3 +124,22 @@ def test_unsupported_models_are_refused(name, kwargs, reason):
     model = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(UserError, match=reason):
         patch_model(model, MergeConfig())
+
+
+def test_non_finite_images_are_refused_unless_allowed(tiny_models, flat_images):
+    """One NaN image would make its logits NaN and, through the batch-adaptive count, move every
+    other image's token counts: the patched model refuses it by default."""
+    from atm_export.errors import NonFiniteInputError
+
+    batch = flat_images[:4].clone()
+    batch[2, 0, 5, 5] = float("nan")
+    atm = patch_model(tiny_models["deit_tiny"], MergeConfig(alpha=0.99, beta=0.04, theta_min=0.88))
+    with pytest.raises(NonFiniteInputError, match=r"image\(s\) \[2\]"):
+        atm(batch)
+    with pytest.raises(NonFiniteInputError):
+        atm.forward_export(batch)
+    allowed = patch_model(tiny_models["deit_tiny"], MergeConfig(alpha=0.99, beta=0.04, theta_min=0.88),
+                          check_finite=False)
+    with torch.no_grad():
+        logits = allowed(batch)
+    assert torch.isnan(logits[2]).all() and torch.isfinite(logits[[0, 1, 3]]).all()

@@ -99,8 +99,11 @@ def test_threshold_from_double_or_integer_fields(lib, value, kind, expected):
     assert status == OK and a.threshold == expected
 
 
-def test_plugin_lookup_keys_are_ignored(lib):
-    status, a = parse(lib, ("plugin_version", "1", CHAR), ("plugin_namespace", "atm_export", CHAR), ("fixed_r", 5, INT32))
+@pytest.mark.parametrize("version", ["2", "1"])
+def test_plugin_lookup_keys_are_ignored(lib, version):
+    """TensorRT matches plugin_version ("2") when it looks the creator up; the parser ignores it."""
+    status, a = parse(lib, ("plugin_version", version, CHAR), ("plugin_namespace", "atm_export", CHAR),
+                      ("fixed_r", 5, INT32))
     assert status == OK and as_tuple(a) == (1.0, 5, 0, 1)
 
 
@@ -193,12 +196,16 @@ def bounds(lib, n, *, fixed_r=-1, num_protected=1):
     ("n", "fixed_r", "p", "opt"),
     [
         (197, 16, 1, 181),  # DeiT-S, ToMe r = 16
-        (197, 500, 1, 99),  # r capped at Na = 98
-        (197, -1, 1, 148),  # threshold: expect half of A to merge (floor(98 / 2) = 49)
+        (197, 500, 1, 99),  # r capped at floor(M / 2) = 98
+        (198, 500, 1, 100),  # M = 197 odd: still 98 (ceil would give 99)
+        (197, -1, 1, 148),  # threshold: expect half the cap to merge (floor(98 / 2) = 49)
         (198, -1, 2, 149),  # distilled DeiT: P = 2
         (577, 0, 1, 577),
-        (4, 3, 3, 4),  # one unprotected token: nothing to merge into
-        (6, -1, 0, 5),  # M = 6: Na = 3, floor(3 / 2) = 1
+        (4, 3, 3, 4),  # one unprotected token, P odd (A empty): nothing to merge
+        (3, 3, 2, 3),  # one unprotected token, P even (B empty)
+        (6, -1, 0, 5),  # M = 6: cap 3, floor(3 / 2) = 1
+        (4, -1, 1, 4),  # M = 3: cap 1, floor(1 / 2) = 0
+        (4, 5, 1, 3),  # M = 3: a fixed r is capped at 1
     ],
 )
 def test_token_bounds(lib, n, fixed_r, p, opt):

@@ -13,6 +13,7 @@ import torch
 from atm_export import cuda_kernels, plugin_lib
 from atm_export import merge as M
 from conftest import merging_inputs
+from reference import as_multiset, reference_merge, sweep
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,7 @@ def run_both(x, size, metric, **kw):
 def test_threshold_merging_some_matches_reference(kernels, split_mode, num_protected, n):
     x, size, metric = merging_inputs(n=n, num_protected=num_protected)
     out, ref = run_both(x, size, metric, threshold=0.8, split_mode=split_mode, num_protected=num_protected)
-    assert 0 < ref.r < (n - num_protected + 1) // 2, "the inputs merge some but not all A tokens"
+    assert 0 < ref.r < M.max_merges(n - num_protected), "the inputs merge some, fewer than the cap"
     assert_same_merge(out, ref, n)
 
 
@@ -60,7 +61,7 @@ def test_threshold_merging_nothing_still_reorders(kernels, split_mode, num_prote
 def test_threshold_merging_the_maximum(kernels, split_mode, num_protected):
     x, size, metric = merging_inputs(n=21, num_protected=num_protected)
     out, ref = run_both(x, size, metric, threshold=-2.0, split_mode=split_mode, num_protected=num_protected)
-    assert ref.r == (21 - num_protected + 1) // 2, "every A token merges"
+    assert ref.r == M.max_merges(21 - num_protected), "every A token is above: r is ToMe's cap floor(M/2)"
     assert_same_merge(out, ref, 21)
 
 
@@ -69,7 +70,7 @@ def test_threshold_merging_the_maximum(kernels, split_mode, num_protected):
 def test_fixed_r_matches_reference(kernels, split_mode, r):
     x, size, metric = merging_inputs(n=17, num_protected=1, seed=3)
     out, ref = run_both(x, size, metric, r=r, split_mode=split_mode, num_protected=1)
-    assert ref.r == min(r, 8)
+    assert ref.r == min(r, 8)  # floor(16 / 2)
     assert_same_merge(out, ref, 17)
 
 
@@ -95,15 +96,16 @@ def exact_tie_inputs(batch=3, n=41, c=8, d=16, num_protected=1, seed=0):
     x = torch.randn(batch, n, c, generator=g)
     size = torch.randint(1, 4, (batch, n), generator=g).float()
     signs = torch.randint(0, 2, (batch, n, d), generator=g).float() * 2 - 1
-    p = num_protected
+    first_a, first_b = M.alternate_starts(num_protected)
+    a_pos, b_pos = range(first_a, n, 2), range(first_b, n, 2)  # the alternate split's A and B
     for bi in range(batch):
-        signs[bi, p + 7 :: 12] = signs[bi, p + 1]  # equal B tokens (alternate split): argmax ties
-        for t in range(p + 2, n, 2):  # A tokens of the alternate split
-            if (t - p) % 4 == 2:
-                signs[bi, t] = signs[bi, t - 1]  # exact copy of a B token: score exactly 1
-            elif (t - p) % 8 == 0:
+        signs[bi, b_pos[3] :: 12] = signs[bi, b_pos[0]]  # B tokens 3, 9, ... equal B token 0: argmax ties
+        for k, t in enumerate(a_pos):
+            if k % 2 == 1:
+                signs[bi, t] = signs[bi, b_pos[k - 1]]  # exact copy of a B token: score exactly 1
+            elif k > 0 and k % 4 == 0:
                 flips = torch.randperm(d, generator=g)[: int(torch.randint(1, 3, (1,), generator=g))]
-                signs[bi, t] = signs[bi, t - 1]
+                signs[bi, t] = signs[bi, b_pos[k - 1]]
                 signs[bi, t, flips] *= -1  # score exactly 1 - 2 * flips / d
     scale = 2.0 ** torch.randint(-2, 3, (batch, n, 1), generator=g).float()
     return x, size, signs * scale
@@ -127,7 +129,8 @@ def test_exact_ties_follow_the_tie_breaking_rules(kernels, split_mode, policy):
 def test_argmax_ties_pick_the_first_partner(kernels):
     """An A token identical to several B tokens merges into the first of them."""
     x, size, metric = exact_tie_inputs(batch=1, n=9, num_protected=1)
-    metric[0, 2] = metric[0, 6] = metric[0, 8] = metric[0, 1]  # B positions 0, 2, 3 equal A token 1
+    # P = 1: A = positions 2, 4, 6, 8 and B = 1, 3, 5, 7. B positions 0, 2, 3 equal A token 2.
+    metric[0, 1] = metric[0, 5] = metric[0, 7] = metric[0, 2]
     out, ref = run_both(x, size, metric, r=1, num_protected=1)
     assert ref.plan.src[0, 0].item() == 0 and ref.plan.dst[0, 0].item() == 0
     assert_same_merge(out, ref, 9)
@@ -150,12 +153,47 @@ def test_multi_tile_shapes_match_reference(kernels, batch, n, c, d, num_protecte
         assert_same_merge(out, ref, n)
 
 
-@pytest.mark.parametrize("num_protected", [0, 3])
-def test_single_unprotected_token_has_nothing_to_merge_into(kernels, num_protected):
-    x, size, metric = merging_inputs(batch=2, n=num_protected + 1, num_protected=0)
-    out, ref = run_both(x, size, metric, threshold=-5.0, num_protected=num_protected)
-    assert ref.r == 0 and out.num_tokens == num_protected + 1
-    assert_same_merge(out, ref, num_protected + 1)
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2, 3])
+def test_single_unprotected_token_has_nothing_to_merge_into(kernels, split_mode, num_protected):
+    """N - P = 1: B is empty (alternate, P even) or A is (alternate with P odd, or the size split:
+    no match blocks run, and the GPU path skips that launch)."""
+    n = num_protected + 1
+    x, size, metric = merging_inputs(batch=2, n=n, num_protected=0)
+    na, nb = M.set_sizes(n, num_protected, split_mode)
+    assert (na, nb) == ((1, 0) if split_mode == "alternate" and num_protected % 2 == 0 else (0, 1))
+    for policy in ({"threshold": -5.0}, {"r": 3}):
+        out, ref = run_both(x, size, metric, split_mode=split_mode, num_protected=num_protected, **policy)
+        assert ref.r == 0 and out.num_tokens == n
+        assert_same_merge(out, ref, n)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2, 5])
+def test_every_r_up_to_the_cap_matches_the_tome_convention_reference(kernels, split_mode, num_protected):
+    """The CPU executor against the independent plain-loop reference (tests/reference.py): random
+    inputs, odd and even N (N = P + 1 and P + 2 included), every fixed r from 0 to past floor(M/2),
+    and thresholds. r, the token count, the output in the op's order, and the output as a
+    multiset of (size, *x) rows."""
+    cases = 0
+    for x, size, metric, kw, where in sweep(num_protected):
+        n = x.shape[1]
+        out = cuda_kernels.token_merge_host(x, size, metric, split_mode=split_mode, num_protected=num_protected, **kw)
+        ref_x, ref_size, ref_r, _ = reference_merge(x.double().tolist(), size.double().tolist(),
+                                                    metric.double().tolist(), split_mode=split_mode,
+                                                    num_protected=num_protected, **kw)
+        assert ref_r <= M.max_merges(n - num_protected), where
+        assert out.num_tokens == n - ref_r, where
+        ref_x, ref_size = torch.tensor(ref_x, dtype=torch.float64), torch.tensor(ref_size, dtype=torch.float64)
+        torch.testing.assert_close(out.size.double(), ref_size, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(out.x.double(), ref_x, atol=1e-5, rtol=1e-5, msg=lambda m: f"{where}: {m}")
+        for bi in range(x.shape[0]):
+            ours = as_multiset(out.x[bi].tolist(), out.size[bi].tolist())
+            theirs = as_multiset(ref_x[bi].tolist(), ref_size[bi].tolist())
+            torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{where}: {m}")
+        cases += 1
+    assert cases > 100
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 import onnx
 
 from ..export.onnx import INPUT_NAME
+from ..signals import deferred
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -50,9 +52,29 @@ class OrtRunner:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
-        results = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        # The plugin flavour calls back into Python (the reference kernel): a signal arriving
+        # meanwhile is held until ONNX Runtime has returned (atm_export.signals).
+        with deferred():
+            results = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})
+        if self.flavour == "plugin":
+            from .ort_custom_op import raise_kernel_error
+
+            raise_kernel_error()
         tokens = results[1].tolist() if len(results) > 1 else None
         return results[0], tokens
 
-    def end_profiling(self) -> str:
-        return self.session.end_profiling()
+    def run_profiled(self, images: np.ndarray) -> list[dict]:
+        """One run with ONNX Runtime's profiler (needs ``profile=True``): its trace events.
+
+        The trace file ONNX Runtime writes is read and removed, also when the run fails.
+        """
+        try:
+            self.run(images)
+        finally:
+            path = self.session.end_profiling()
+            try:
+                with open(path) as f:
+                    events = json.load(f)
+            finally:
+                os.remove(path)
+        return events

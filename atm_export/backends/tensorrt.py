@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..ops import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ..signals import deferred
 
 INPUT_NAME = "images"
 _loaded_plugins: set[str] = set()
@@ -197,9 +198,11 @@ class EngineRunner:
         device_images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
         self.context.set_input_shape(INPUT_NAME, tuple(device_images.shape))
         self.context.set_tensor_address(INPUT_NAME, device_images.data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+        with deferred():  # TensorRT calls the output allocator (Python) from C++ during execution
+            ok = self.context.execute_async_v3(self.stream.cuda_stream)
+            self.stream.synchronize()
+        if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        self.stream.synchronize()
         results = {}
         for name in self.outputs:
             shape = self.allocator.shapes[name]

@@ -18,12 +18,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..merge import alternate_starts
 from ..ops import ONNX_DOMAIN, ONNX_OP
 
 #: Below every clamped similarity: the sentinel "no partner" column.
 NO_PARTNER = -2.0
 MIN_OPSET = 17
-CHOICE_NAMES = ("choice_src", "choice_dst", "choice_unm")
+#: The step's choices as input-token positions ([B, .] int64): the merged-away tokens (best
+#: first), their partners, and the kept source tokens in output order (merge.Choices).
+CHOICE_NAMES = ("choice_src", "choice_dst", "choice_kept")
+CHOICE_OUTPUTS = ("src", "dst", "kept")  # their names in a one-step model
 
 
 class _Builder:
@@ -57,8 +61,9 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
     """Standard-op nodes (and constants) computing the same outputs as one TokenMerge node.
 
     Every emitted name starts with the node's name and a slash, and the step's choices are
-    the tensors ``<name>/choice_src``, ``/choice_dst``, ``/choice_unm`` ([B, .] int64, as in
-    atm_export.merge.MergePlan), so that checks can run one step of a lowered graph alone.
+    the tensors ``<name>/choice_src``, ``/choice_dst``, ``/choice_kept`` ([B, .] int64 input
+    token positions, as in atm_export.merge.Choices), so that checks can run one step of a
+    lowered graph alone and compare its choices with eager's.
     """
     a = _attrs(node)
     threshold = float(a.get("threshold", 1.0))
@@ -75,8 +80,12 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
     batch = g.op("Gather", [shape, zero], axis=0)
     n = g.op("Gather", [shape, one], axis=0)
     m = g.op("Sub", [n, g.const(p)])
-    num_a = g.op("Div", [g.op("Add", [m, one]), two])  # ceil(M / 2)
-    num_b = g.op("Div", [m, two])  # floor(M / 2)
+    cap = g.op("Div", [m, two])  # at most floor(M / 2) pairs merge
+    first_a, first_b = alternate_starts(p)
+    if size_mode:
+        num_a = cap  # the floor(M / 2) smallest tokens
+    else:  # the even positions in [P, N)
+        num_a = g.op("Div", [g.op("Add", [g.op("Sub", [n, g.const(first_a)]), one]), two])
 
     def vec(scalar):  # int64 scalar -> [1], for Slice/Expand shapes
         return g.op("Unsqueeze", [scalar, g.const([0])])
@@ -101,50 +110,60 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
         def take(t, part, tokens_2d=False):
             index = split[part] if tokens_2d else expand_rows(split[part], t)
             return g.op("GatherElements", [t, index], axis=1)
-    else:
-        split = {"a": g.op("Range", [g.const(p), n, two]), "b": g.op("Range", [g.const(p + 1), n, two])}
+
+        def token_of(part, index, name):  # positions in A or B [B, K] -> input token positions
+            return g.op("GatherElements", [split[part], index], [name], axis=1)
+    else:  # ToMe's split of the whole sequence: A at even positions, B at odd ones
+        split = {"a": g.op("Range", [g.const(first_a), n, two]), "b": g.op("Range", [g.const(first_b), n, two])}
 
         def take(t, part, tokens_2d=False):
             return g.op("Gather", [t, split[part]], axis=1)
+
+        def token_of(part, index, name):
+            return g.op("Gather", [split[part], index], [name], axis=0)
 
     # Step 2: cosine similarity, clamped to [-1, 1].
     norm = g.op("ReduceL2", [metric, ax_last], keepdims=1)
     unit = g.op("Div", [metric, g.op("Max", [norm, g.const(1e-12, np.float32)])])
     sim = g.op("MatMul", [take(unit, "a"), g.op("Transpose", [take(unit, "b")], perm=[0, 2, 1])])
     sim = g.op("Clip", [sim, g.const(-1.0, np.float32), g.const(1.0, np.float32)])
-    # Step 3: best partner; the sentinel column keeps ReduceMax/ArgMax defined when B is empty
-    # and never wins otherwise (first index wins ties).
-    sentinel = g.op("Expand", [g.const([[[NO_PARTNER]]], np.float32),
-                               g.op("Concat", [vec(batch), vec(num_a), g.const([1])], axis=0)])
-    sim = g.op("Concat", [sim, sentinel], axis=2)
-    score = g.op("ReduceMax", [sim, ax_last], keepdims=0)
-    dst = g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0)
+    # Step 3: best partner. The sentinel column keeps ReduceMax/ArgMax defined when B is empty
+    # and never wins otherwise (first index wins ties); the sentinel row, sliced off after, keeps
+    # A non-empty (ONNX Runtime's reductions return a wrong shape for an empty tensor).
+    no_partner = g.const([[[NO_PARTNER]]], np.float32)
+    sentinel_col = g.op("Expand", [no_partner, g.op("Concat", [vec(batch), vec(num_a), g.const([1])], axis=0)])
+    sim = g.op("Concat", [sim, sentinel_col], axis=2)
+    width = g.op("Gather", [g.op("Shape", [sim]), two], axis=0)
+    sentinel_row = g.op("Expand", [no_partner, g.op("Concat", [vec(batch), g.const([1]), vec(width)], axis=0)])
+    sim = g.op("Concat", [sim, sentinel_row], axis=1)
+    score = g.op("Slice", [g.op("ReduceMax", [sim, ax_last], keepdims=0), vec(zero), vec(num_a), ax1])
+    dst = g.op("Slice", [g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0), vec(zero), vec(num_a), ax1])
 
-    # Step 4: how many pairs merge (the same r for every image).
-    has_b = g.op("Cast", [g.op("Greater", [num_b, zero])], to=TensorProto.INT64)
+    # Step 4: how many pairs merge (the same r for every image), at most floor(M / 2).
     if fixed_r >= 0:
-        r = g.op("Min", [g.const(fixed_r), num_a])
+        r = g.op("Min", [g.const(fixed_r), cap])
     else:
         above = g.op("Cast", [g.op("Greater", [score, g.const(threshold, np.float32)])], to=TensorProto.INT64)
         total = g.op("ReduceSum", [above], keepdims=0)  # over the whole batch
-        r = g.op("Min", [g.op("Div", [total, batch]), num_a])
-    r = g.op("Mul", [r, has_b])
+        r = g.op("Min", [g.op("Div", [total, batch]), cap])
 
     # Step 5: rank A by score (descending; TopK breaks ties by lower index); the kept ones
     # go back to A's order (a float32 sort of positions, which are exact below 2^24).
     _, ranked = g.op("TopK", [score, vec(num_a)], outputs=2, axis=1, largest=1, sorted=1)
-    src = g.op("Slice", [ranked, vec(zero), vec(r), ax1], [f"{g.prefix}/{CHOICE_NAMES[0]}"])
+    src = g.op("Slice", [ranked, vec(zero), vec(r), ax1])
     kept_ranked = g.op("Cast", [g.op("Slice", [ranked, vec(r), vec(num_a), ax1])], to=TensorProto.FLOAT)
     kept_sorted, _ = g.op("TopK", [kept_ranked, vec(g.op("Sub", [num_a, r]))], outputs=2, axis=1, largest=0, sorted=1)
-    unm = g.op("Cast", [kept_sorted], [f"{g.prefix}/{CHOICE_NAMES[2]}"], to=TensorProto.INT64)
-    dst_src = g.op("GatherElements", [dst, src], [f"{g.prefix}/{CHOICE_NAMES[1]}"], axis=1)
+    unm = g.op("Cast", [kept_sorted], to=TensorProto.INT64)
+    dst_src = g.op("GatherElements", [dst, src], axis=1)
+    for part, index, name in zip("aba", (src, dst_src, unm), CHOICE_NAMES):
+        token_of(part, index, f"{g.prefix}/{name}")
 
     # Step 6: size-weighted merge; the scatter-add is onehot[B, Nb, r] @ values[B, r, .].
     xa, xb = take(x, "a"), take(x, "b")
     sa, sb = take(size, "a", tokens_2d=True), take(size, "b", tokens_2d=True)
     src_size = g.op("GatherElements", [sa, src], axis=1)
     src_x = g.op("GatherElements", [xa, expand_rows(src, xa)], axis=1)
-    slots = g.op("Reshape", [g.op("Range", [zero, num_b, one]), g.const([1, -1, 1])])
+    slots = g.op("Reshape", [g.op("Range", [zero, g.op("Sub", [m, num_a]), one]), g.const([1, -1, 1])])
     onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [dst_src, ax1]), slots])], to=TensorProto.FLOAT)
     weighted_src = g.op("Mul", [src_x, g.op("Unsqueeze", [src_size, ax_last])])
     xb_sum = g.op("Add", [g.op("Mul", [xb, g.op("Unsqueeze", [sb, ax_last])]), g.op("MatMul", [onehot, weighted_src])])
@@ -204,7 +223,7 @@ def extract_step(lowered: onnx.ModelProto, merge_node: onnx.NodeProto, opset: in
     inits = [t for t in lowered.graph.initializer if t.name in used]
     renames = dict(zip(merge_node.input, ("x", "size", "metric")))
     renames.update(zip(merge_node.output, ("x_out", "size_out", "num_tokens")))
-    renames.update(zip(choice_outputs, ("src", "dst", "unm")))
+    renames.update(zip(choice_outputs, CHOICE_OUTPUTS))
     step_nodes = []
     for n in nodes:
         copy = onnx.NodeProto()
@@ -223,7 +242,7 @@ def _step_model(nodes, inits, opset: int) -> onnx.ModelProto:
          helper.make_tensor_value_info("metric", f, ["B", "N", "D"])],
         [helper.make_tensor_value_info("x_out", f, ["B", "M", "C"]), helper.make_tensor_value_info("size_out", f, ["B", "M"]),
          helper.make_tensor_value_info("num_tokens", i64, []),
-         *[helper.make_tensor_value_info(k, i64, ["B", k + "_count"]) for k in ("src", "dst", "unm")]],
+         *[helper.make_tensor_value_info(k, i64, ["B", k + "_count"]) for k in CHOICE_OUTPUTS]],
         initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
@@ -237,31 +256,5 @@ def single_node_model(node: onnx.NodeProto, opset: int = 18) -> onnx.ModelProto:
     alone.output[:] = ["x_out", "size_out", "num_tokens"]
     nodes, inits = lower_token_merge(alone)
     choices = [f"{alone.name}/{c}" for c in CHOICE_NAMES]
-    nodes += [helper.make_node("Identity", [c], [k]) for c, k in zip(choices, ("src", "dst", "unm"))]
+    nodes += [helper.make_node("Identity", [c], [k]) for c, k in zip(choices, CHOICE_OUTPUTS)]
     return _step_model(nodes, inits, opset)
-
-
-def shared_graph_difference(lowered: onnx.ModelProto, plugin: onnx.ModelProto) -> str | None:
-    """Where ``lowered`` differs from ``plugin`` outside the merge steps (None: nowhere).
-
-    atm-export writes model.onnx as model.plugin.onnx with its TokenMerge nodes lowered, so
-    the two must agree node for node and weight for weight everywhere else.
-    """
-    merge_names = {n.name for n in plugin.graph.node if n.op_type == "TokenMerge"}
-
-    def in_step(node):
-        return node.name.split("/", 1)[0] in merge_names and "/" in node.name
-
-    ours = [n.SerializeToString() for n in lowered.graph.node if not in_step(n)]
-    theirs = [n.SerializeToString() for n in plugin.graph.node if n.op_type != "TokenMerge"]
-    if ours != theirs:
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        return f"the graphs differ at node {first} outside the merge steps"
-    weights = {t.name: t.SerializeToString() for t in lowered.graph.initializer}
-    for t in plugin.graph.initializer:
-        if weights.get(t.name) != t.SerializeToString():
-            return f"weight {t.name} differs"
-    if [i.SerializeToString() for i in lowered.graph.input] != [i.SerializeToString() for i in plugin.graph.input]:
-        return "the graph inputs differ"
-    return None
-

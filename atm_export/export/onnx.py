@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
-from ..ops import ONNX_DOMAIN, ONNX_OP, onnx_translation, register_onnx_schema
+from ..ops import ONNX_DOMAIN, ONNX_OP, OP_VERSION, merge_node_block, merge_node_name, onnx_translation, register_onnx_schema
 from ..patch import ATMVisionTransformer
 from .lowering import MIN_OPSET, lower_model
 
@@ -113,13 +113,13 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
                               custom_translation_table=onnx_translation())
     merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
     for node, block in zip([n for n in model.graph.node if n.op_type == ONNX_OP], merge_blocks):
-        node.name = f"{ONNX_OP}_b{block}"
+        node.name = merge_node_name(block)
         if typical_tokens:
             set_int_attribute(node, "opt_num_tokens", max(1, round(typical_tokens[block - 1])))
     _cast_counts_to_int64(model)
     model.graph.name = "atm_vit"
     model.doc_string = "ATM-merged ViT exported by atm-export; see docs/token-merge-op.md"
-    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin")
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin", token_merge_version=OP_VERSION)
     return model
 
 
@@ -180,7 +180,7 @@ def with_fixed_schedule(plugin_model: onnx.ModelProto, r_per_block: list[int]) -
     replay.CopyFrom(plugin_model)
     for node in replay.graph.node:
         if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
-            set_int_attribute(node, "fixed_r", int(r_per_block[int(node.name.rsplit("_b", 1)[1]) - 1]))
+            set_int_attribute(node, "fixed_r", int(r_per_block[merge_node_block(node.name) - 1]))
     return replay
 
 

@@ -313,7 +313,7 @@ IPluginCreatorV3One* creatorFromEntryPoint()
         std::string("creator interface is PLUGIN CREATOR_V3ONE 1.x (got ") + info.kind + ")");
     auto* creator = static_cast<IPluginCreatorV3One*>(creators[0]);
     check(std::strcmp(creator->getPluginName(), "TokenMerge") == 0, "creator name TokenMerge");
-    check(std::strcmp(creator->getPluginVersion(), "1") == 0, "creator version 1");
+    check(std::strcmp(creator->getPluginVersion(), "2") == 0, "creator version 2");
     check(std::strcmp(creator->getPluginNamespace(), "atm_export") == 0, "creator namespace atm_export");
     PluginFieldCollection const* names = creator->getFieldNames();
     bool namesOk = names != nullptr && names->nbFields == 5;
@@ -343,7 +343,7 @@ void checkCreation(IPluginCreatorV3One* creator, Finder& finder)
     }
 
     int32_t const unknownValue = 3;
-    char const version[] = "1";
+    char const version[] = "2";
     std::vector<PluginField> extra{{"plugin_version", version, PluginFieldType::kCHAR, 2},
         {"plugin_namespace", "atm_export", PluginFieldType::kCHAR, 11}};
     PluginFieldCollection keys{2, extra.data()};
@@ -375,7 +375,7 @@ void checkInterfaces(IPluginV3* plugin)
     check(std::strcmp(runtimeOf(plugin)->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
         "runtime interface kind");
     check(std::strcmp(coreOf(plugin)->getPluginName(), "TokenMerge") == 0
-            && std::strcmp(coreOf(plugin)->getPluginVersion(), "1") == 0
+            && std::strcmp(coreOf(plugin)->getPluginVersion(), "2") == 0
             && std::strcmp(coreOf(plugin)->getPluginNamespace(), "atm_export") == 0,
         "plugin name / version / namespace match the creator");
     check(buildOf(plugin)->getNbOutputs() == 3, "3 outputs");
@@ -436,12 +436,15 @@ void checkShapes(IPluginCreatorV3One* creator)
         char const* what;
         int32_t optNumTokens;
     };
-    // DeiT-S: N = 197, P = 1 -> M = 196, Na = Nb = 98.
+    // DeiT-S: N = 197, P = 1 -> M = 196, at most floor(M / 2) = 98 merges (ToMe's cap).
     Case const cases[] = {
         {1.0f, 16, 1, 197, true, 181, "fixed r = 16: opt = N - 16", -1},
-        {1.0f, 500, 1, 197, true, 99, "fixed r > Na: opt = N - Na", -1},
-        {0.9f, -1, 1, 197, true, 148, "threshold: opt = N - floor(Na / 2)", -1},
-        {0.9f, 4, 2, 3, true, 3, "N - P = 1 (no B token): opt = N", -1},
+        {1.0f, 500, 1, 197, true, 99, "fixed r > floor(M / 2): opt = N - 98", -1},
+        {1.0f, 500, 1, 198, true, 100, "M = 197 odd: the cap is floor(M / 2) = 98, opt = N - 98", -1},
+        {0.9f, -1, 1, 197, true, 148, "threshold: opt = N - floor(floor(M / 2) / 2)", -1},
+        {0.9f, -1, 1, 4, true, 4, "threshold, M = 3: floor(floor(3 / 2) / 2) = 0, opt = N", -1},
+        {0.9f, 4, 2, 3, true, 3, "N - P = 1, P even (no B token): opt = N", -1},
+        {0.9f, 4, 1, 2, true, 2, "N - P = 1, P odd (no A token): opt = N", -1},
         {0.9f, -1, 1, 197, true, 120, "opt_num_tokens set: opt = its value", 120},
         {0.9f, -1, 1, 150, false, 120, "N from an earlier merge, opt_num_tokens set: opt = its value", 120},
         {0.9f, -1, 1, 150, false, 2, "N from an earlier merge, no opt_num_tokens: a constant (P + 1), never N", -1},

@@ -153,10 +153,6 @@ struct IntAlgebra
     {
         return a - b;
     }
-    Expr prod(Expr a, Expr b) const
-    {
-        return a * b;
-    }
     Expr min(Expr a, Expr b) const
     {
         return a < b ? a : b;
@@ -165,10 +161,6 @@ struct IntAlgebra
     {
         Expr q = a / b;
         return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-    }
-    Expr ceilDiv(Expr a, Expr b) const
-    {
-        return -floorDiv(-a, b);
     }
 };
 

@@ -73,8 +73,9 @@ ATM_TOKEN_MERGE_API int atm_token_merge_make_params(const int64_t* x_dims, const
     const atm_token_merge_attributes* attrs, int32_t dtype, atm_token_merge_params* out);
 
 /* Output token count bounds for N input tokens: upper = N, opt = opt_num_tokens when it is set
- * (> 0), else N - the expected r (fixed: min(fixed_r, Na); threshold: floor(Na / 2); 0 when
- * Nb = 0). Same formula as the plugin's size-tensor declaration (token_bounds below). */
+ * (> 0), else N - the expected r (fixed: min(fixed_r, floor(M/2)); threshold: floor(floor(M/2) / 2);
+ * M = N - num_protected, so both are 0 when M = 1). Same formula as the plugin's size-tensor
+ * declaration (token_bounds below). */
 ATM_TOKEN_MERGE_API int atm_token_merge_token_bounds(
     int64_t num_tokens, const atm_token_merge_attributes* attrs, int64_t* opt, int64_t* upper);
 
@@ -92,20 +93,17 @@ struct TokenBounds
 };
 
 /* The bounds as a formula over an algebra of dimension expressions: integers for the C function
- * above, IExprBuilder expressions in the plugin. Alg provides constant, sum, sub, prod, min,
- * floorDiv, ceilDiv. */
+ * above, IExprBuilder expressions in the plugin. Alg provides constant, sub, min, floorDiv. */
 template <class Alg>
 TokenBounds<typename Alg::Expr> tokenBounds(Alg& alg, typename Alg::Expr n, atm_token_merge_attributes const& attrs)
 {
     auto const m = alg.sub(n, alg.constant(attrs.num_protected));
-    auto const na = alg.ceilDiv(m, alg.constant(2));
-    auto const nb = alg.floorDiv(m, alg.constant(2));
-    auto const hasB = alg.min(nb, alg.constant(1)); // 0 or 1: no B tokens, no merge
+    auto const cap = alg.floorDiv(m, alg.constant(2)); // ToMe's cap on r, floor(M/2): 0 when M = 1
     auto const expected
-        = attrs.fixed_r >= 0 ? alg.min(alg.constant(attrs.fixed_r), na) : alg.floorDiv(na, alg.constant(2));
+        = attrs.fixed_r >= 0 ? alg.min(alg.constant(attrs.fixed_r), cap) : alg.floorDiv(cap, alg.constant(2));
     // TensorRT wants an opt that does not depend on a size tensor; after the first merge N is one,
     // so the exporter records the count it saw (opt_num_tokens).
-    auto const opt = attrs.opt_num_tokens > 0 ? alg.constant(attrs.opt_num_tokens) : alg.sub(n, alg.prod(expected, hasB));
+    auto const opt = attrs.opt_num_tokens > 0 ? alg.constant(attrs.opt_num_tokens) : alg.sub(n, expected);
     return TokenBounds<typename Alg::Expr>{opt, n};
 }
 

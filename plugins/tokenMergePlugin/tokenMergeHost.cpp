@@ -91,10 +91,14 @@ int describe(atm_token_merge_params const* params, Problem* problem)
     p.dim = params->metric_dim;
     p.numProtected = params->num_protected;
     p.unprotected = static_cast<int32_t>(params->num_tokens - params->num_protected);
-    p.na = steps::numA(p.unprotected);
-    p.nb = steps::numB(p.unprotected);
-    p.tilesA = (p.na + steps::kTile - 1) / steps::kTile;
     p.splitMode = params->split_mode;
+    bool const alternate = p.splitMode == ATM_SPLIT_ALTERNATE;
+    steps::SplitShape const split = steps::splitShape(p.numProtected, p.unprotected, alternate);
+    p.na = split.na;
+    p.nb = split.nb;
+    p.firstA = split.firstA;
+    p.firstB = split.firstB;
+    p.tilesA = (p.na + steps::kTile - 1) / steps::kTile;
     p.fixedR = params->fixed_r;
     p.threshold = params->threshold;
     p.dtype = params->dtype;

@@ -29,7 +29,9 @@ struct Problem
     int32_t unprotected;
     int32_t na;
     int32_t nb;
-    int32_t tilesA;
+    int32_t firstA; //!< alternate split: first A / B position (steps::splitShape)
+    int32_t firstB;
+    int32_t tilesA; //!< 0 when A is empty: match_kernel is not launched
     int32_t splitMode;
     int32_t fixedR;
     float threshold;
@@ -89,6 +91,8 @@ inline steps::SplitView splitView(Problem const& p, Scratch const& s)
     v.unprotected = p.unprotected;
     v.na = p.na;
     v.nb = p.nb;
+    v.firstA = p.firstA;
+    v.firstB = p.firstB;
     v.order = s.order;
     return v;
 }

@@ -4,7 +4,7 @@
  *
  * Launches per merge step (all on the caller's stream, no host synchronisation):
  *   [split_kernel]  only for split_mode = size        grid (ceil(M/256), B)
- *   match_kernel    similarity + best partner + count grid (ceil(Na/32), B)
+ *   match_kernel    similarity + best partner + count grid (ceil(Na/32), B), none when Na = 0
  *   plan_kernel     r, ranking, row plan, size_out, K grid (B)
  *   merge_kernel    gather / weighted average, x_out  grid (ceil(N/8), B)
  * Work: O(B Na Nb D) for the similarity, O(B Na^2) for the ranking, O(B N C) for the merge.
@@ -73,7 +73,12 @@ void launchAll(detail::Problem const& p, detail::Scratch const& s, void const* x
         dim3 const grid((p.unprotected + steps::kBlockThreads - 1) / steps::kBlockThreads, batch);
         splitKernel<<<grid, block, p.unprotected * sizeof(float), stream>>>(detail::splitArgs(p, s, size));
     }
-    matchKernel<T><<<dim3(p.tilesA, batch), block, 0, stream>>>(detail::matchArgs(p, s, metric));
+    // Na = 0 (P odd, N - P = 1): a grid dimension of 0 is a launch error, and there is nothing to
+    // match; plan_kernel still writes r = 0 (no tile counts to sum) and the reordered output.
+    if (p.tilesA > 0)
+    {
+        matchKernel<T><<<dim3(p.tilesA, batch), block, 0, stream>>>(detail::matchArgs(p, s, metric));
+    }
     planKernel<<<dim3(batch), block, steps::planSharedBytes(p.na), stream>>>(
         detail::planArgs(p, s, size, sizeOut, numTokensOut));
     dim3 const mergeGrid(

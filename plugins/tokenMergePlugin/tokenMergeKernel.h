@@ -71,7 +71,7 @@ typedef struct atm_token_merge_params
     int64_t metric_dim;    /* D >= 1 */
     int32_t num_protected; /* P >= 0: leading tokens that are never merged */
     int32_t split_mode;    /* atm_token_merge_split_mode */
-    int32_t fixed_r;       /* >= 0: merge min(fixed_r, Na) pairs; < 0: use threshold */
+    int32_t fixed_r;       /* >= 0: merge min(fixed_r, floor((N - P) / 2)) pairs; < 0: use threshold */
     float threshold;       /* batch-adaptive count: pairs with similarity > threshold */
     int32_t dtype;         /* atm_token_merge_dtype of x, metric and x_out */
 } atm_token_merge_params;
@@ -87,9 +87,10 @@ ATM_TOKEN_MERGE_API int atm_token_merge_check(const atm_token_merge_params* para
  * Grows with batch and num_tokens only, so the size for the largest shapes covers smaller ones. */
 ATM_TOKEN_MERGE_API size_t atm_token_merge_workspace_size(const atm_token_merge_params* params);
 
-/* Enqueue one merge step on `stream` (3 kernel launches, 4 with split_mode = size). All pointers
- * are device pointers; workspace holds at least atm_token_merge_workspace_size() bytes, aligned
- * to 8 bytes (cudaMalloc and TensorRT give 256). Returns without synchronising; errors of the launches are reported. */
+/* Enqueue one merge step on `stream` (3 kernel launches, 4 with split_mode = size, one fewer when
+ * the source set A is empty). All pointers are device pointers; workspace holds at least
+ * atm_token_merge_workspace_size() bytes, aligned to 8 bytes (cudaMalloc and TensorRT give 256).
+ * Returns without synchronising; errors of the launches are reported. */
 ATM_TOKEN_MERGE_API int atm_token_merge_enqueue(const atm_token_merge_params* params, const void* x,
     const float* size, const void* metric, void* x_out, float* size_out, int64_t* num_tokens_out,
     void* workspace, size_t workspace_bytes, cudaStream_t stream);

@@ -67,10 +67,6 @@ struct TrtAlgebra
     {
         return op(nvinfer1::DimensionOperation::kSUB, a, b);
     }
-    Expr prod(Expr a, Expr b) const
-    {
-        return op(nvinfer1::DimensionOperation::kPROD, a, b);
-    }
     Expr min(Expr a, Expr b) const
     {
         return op(nvinfer1::DimensionOperation::kMIN, a, b);
@@ -78,10 +74,6 @@ struct TrtAlgebra
     Expr floorDiv(Expr a, Expr b) const
     {
         return op(nvinfer1::DimensionOperation::kFLOOR_DIV, a, b);
-    }
-    Expr ceilDiv(Expr a, Expr b) const
-    {
-        return op(nvinfer1::DimensionOperation::kCEIL_DIV, a, b);
     }
 };
 

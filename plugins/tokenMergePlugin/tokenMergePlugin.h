@@ -1,8 +1,11 @@
 /*
  * TensorRT IPluginV3 adapter for the TokenMerge op (docs/token-merge-op.md).
  *
- * Plugin name "TokenMerge", version "1", namespace "atm_export": the keys the ONNX parser looks
- * up for a node of op_type TokenMerge with plugin_version = "1", plugin_namespace = "atm_export".
+ * Plugin name "TokenMerge", version "2", namespace "atm_export": the keys the ONNX parser looks
+ * up for a node of op_type TokenMerge with plugin_version = "2", plugin_namespace = "atm_export".
+ * Version 2 follows ToMe's split and cap (A = even positions, r <= floor((N - P) / 2)); version 1
+ * split right after the protected tokens and capped r by ceil((N - P) / 2): other results, hence
+ * another version.
  *
  *   inputs   0 x [B, N, C] float32|float16   1 size [B, N] float32   2 metric [B, N, D] like x
  *   outputs  0 x_out [B, K, C] like x   1 size_out [B, K] float32   2 num_tokens: K, 0-D int64,
@@ -27,7 +30,7 @@ namespace plugin
 {
 
 constexpr char const* kPluginName = "TokenMerge";
-constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginVersion = "2";
 constexpr char const* kPluginNamespace = "atm_export";
 
 //! Where error messages go: the logger TensorRT handed to setLoggerFinder() if any, else stderr.

@@ -130,11 +130,35 @@ ATM_HD inline bool sourceBefore(int32_t dk, int32_t k, int32_t di, int32_t i)
 // ---------------------------------------------------------------------------------------------
 // Scalar steps.
 
-ATM_HD inline int32_t numA(int32_t unprotected)
+//! Sizes of A and B, and where the alternate split starts them (docs/token-merge-op.md).
+struct SplitShape
 {
-    return (unprotected + 1) / 2;
+    int32_t na;
+    int32_t nb;
+    int32_t firstA; //!< alternate split: A = firstA, firstA + 2, ...
+    int32_t firstB; //!< alternate split: B = firstB, firstB + 2, ...
+};
+
+//! The split of M = unprotected tokens after P = numProtected protected ones.
+//! Alternate (ToMe's split of the whole sequence): A = the unprotected tokens at even positions,
+//! B = those at odd positions, so P = 1 gives A = 2, 4, ... and B = 1, 3, ....
+//! Size: tokens sorted by size; A = the floor(M/2) smallest, B = the other ceil(M/2).
+//! Either split can leave A (P odd, M = 1) or B (P even, M = 1) empty.
+ATM_HD inline SplitShape splitShape(int32_t numProtected, int32_t unprotected, bool alternate)
+{
+    int32_t const odd = numProtected % 2;
+    SplitShape s;
+    s.firstA = numProtected + odd;
+    s.firstB = numProtected + 1 - odd;
+    // Even positions in [firstA, N); firstA <= P + 1 <= N, so this is never negative.
+    s.na = alternate ? (numProtected + unprotected - s.firstA + 1) / 2 : unprotected / 2;
+    s.nb = unprotected - s.na;
+    return s;
 }
-ATM_HD inline int32_t numB(int32_t unprotected)
+
+//! ToMe's cap on r: floor(M/2) pairs, whichever the split. It is <= min(Na, Nb), so r never
+//! exceeds either set, and it is 0 when one of them is empty.
+ATM_HD inline int32_t maxMerges(int32_t unprotected)
 {
     return unprotected / 2;
 }
@@ -148,19 +172,16 @@ ATM_HD inline float cosineScore(float dot, float sumsqA, float sumsqB)
     return fminf(fmaxf(dot / (normA * normB), -1.0f), 1.0f);
 }
 
-//! r: min(fixed_r, Na) for a fixed count, else min(floor(sum of counts / B), Na); 0 without B.
-ATM_HD inline int32_t mergeCount(int32_t fixedR, int64_t totalAbove, int64_t batch, int32_t na, int32_t nb)
+//! r: min(fixed_r, cap) for a fixed count, else min(floor(sum of counts / B), cap), with
+//! cap = maxMerges(M).
+ATM_HD inline int32_t mergeCount(int32_t fixedR, int64_t totalAbove, int64_t batch, int32_t cap)
 {
-    if (nb == 0)
-    {
-        return 0;
-    }
     if (fixedR >= 0)
     {
-        return fixedR < na ? fixedR : na;
+        return fixedR < cap ? fixedR : cap;
     }
     int64_t const mean = totalAbove / batch;
-    return mean < na ? static_cast<int32_t>(mean) : na;
+    return mean < cap ? static_cast<int32_t>(mean) : cap;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,15 +193,17 @@ struct SplitView
     int32_t unprotected; //!< M = N - P
     int32_t na;
     int32_t nb;
+    int32_t firstA;       //!< alternate split: the positions of A and B step by 2 from these
+    int32_t firstB;
     int32_t const* order; //!< [B, M] token positions, A then B (size split); nullptr: alternate
 
     ATM_HD int32_t aToken(int64_t b, int32_t i) const
     {
-        return order != nullptr ? order[b * unprotected + i] : numProtected + 2 * i;
+        return order != nullptr ? order[b * unprotected + i] : firstA + 2 * i;
     }
     ATM_HD int32_t bToken(int64_t b, int32_t j) const
     {
-        return order != nullptr ? order[b * unprotected + na + j] : numProtected + 2 * j + 1;
+        return order != nullptr ? order[b * unprotected + na + j] : firstB + 2 * j;
     }
 };
 
@@ -228,7 +251,7 @@ ATM_HD void splitBlock(Exec& ex, float* sizes, SplitArgs const& args, int64_t b,
 }
 
 // ---------------------------------------------------------------------------------------------
-// match_block: for 32 rows of A, the best row of B. Grid (ceil(Na / 32), B).
+// match_block: for 32 rows of A, the best row of B. Grid (ceil(Na / 32), B); no launch when Na = 0.
 
 struct MatchArgs
 {
@@ -466,9 +489,9 @@ ATM_HD void matchBlock(Exec& ex, MatchShared& sh, MatchArgs const& args, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// plan_block: one block per image. Decides r (the same in every block: each sums all counts),
-// ranks A by score to pick the r merged tokens, and writes the output row plan (protected, kept
-// A in A's order, B in B's order), the merge source lists, size_out and K.
+// plan_block: one block per image. Decides r (the same in every block: each sums all counts;
+// at most floor(M/2)), ranks A by score to pick the r merged tokens, and writes the output row
+// plan (protected, kept A in A's order, B in B's order), the merge source lists, size_out and K.
 
 struct PlanArgs
 {
@@ -603,7 +626,7 @@ ATM_HD void planBlock(Exec& ex, unsigned char* smem, PlanArgs const& args, int64
     ex.each([&](int tid, NoState&) {
         if (tid == 0)
         {
-            sh.head->r = mergeCount(args.fixedR, sh.head->partial[0], args.batch, na, split.nb);
+            sh.head->r = mergeCount(args.fixedR, sh.head->partial[0], args.batch, maxMerges(split.unprotected));
         }
         for (int32_t i = tid; i < na; i += kBlockThreads)
         {

@@ -1,0 +1,97 @@
+"""Whether exported graphs are what their report says they are, read from the graphs alone.
+
+Two structural checks that no choice of test images can fool:
+
+- ``merge_node_differences``: the plugin flavour has exactly one TokenMerge node per merging
+  block, of this op version, with the attributes that the run's merge settings give that block
+  (threshold or r, split mode, protected tokens);
+- ``lowering_difference``: the portable flavour is the plugin flavour with its TokenMerge nodes
+  lowered by this version of atm-export, node for node and weight for weight.
+
+With both, the numerical checks (parity and replay of the plugin flavour against eager PyTorch,
+and each lowered step on eager's inputs) cover every part of both files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..ops import (ONNX_DOMAIN, ONNX_OP, OP_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, SPLIT_NAMES,
+                   merge_node_name, step_attributes)
+from ..schedule import StepSpec
+from .lowering import lower_model
+
+
+def expected_merge_nodes(steps: list[StepSpec | None], num_protected: int) -> dict[str, dict]:
+    """Node name -> the attributes it must carry, for every block that merges (in block order)."""
+    expected = {}
+    for block, step in enumerate(steps, start=1):
+        if step is not None:
+            attrs = step_attributes(step, num_protected)
+            attrs["threshold"] = float(np.float32(attrs["threshold"]))  # as ONNX stores it
+            expected[merge_node_name(block)] = {**attrs, "plugin_version": PLUGIN_VERSION,
+                                                "plugin_namespace": PLUGIN_NAMESPACE}
+    return expected
+
+
+def _describe(name: str, value) -> str:
+    if name == "split_mode" and value in SPLIT_NAMES:
+        return f"{value} ({SPLIT_NAMES[value]})"
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
+def merge_node_differences(plugin: onnx.ModelProto, steps: list[StepSpec | None], num_protected: int) -> list[str]:
+    """Every way the plugin flavour's TokenMerge nodes differ from the merge settings ([] if none)."""
+    versions = [o.version for o in plugin.opset_import if o.domain == ONNX_DOMAIN]
+    if versions != [OP_VERSION]:
+        return [f"the graph uses {ONNX_DOMAIN} opset {versions or 'none'}, this atm-export writes {OP_VERSION} "
+                "(another TokenMerge contract): re-export it"]
+    expected = expected_merge_nodes(steps, num_protected)
+    nodes = [n for n in plugin.graph.node if n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN]
+    names = [n.name for n in nodes]
+    if names != list(expected):
+        return [f"TokenMerge nodes {names} where the settings merge in {list(expected)}"]
+    problems = []
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        for name, want in expected[node.name].items():
+            got = attrs.get(name)
+            if got != want:
+                problems.append(f"{node.name}: {name} is {_describe(name, got)} where the settings give "
+                                f"{_describe(name, want)}")
+    return problems
+
+
+def _same_graph(ours: onnx.GraphProto, theirs: onnx.GraphProto) -> str | None:
+    for what, a, b in (("inputs", ours.input, theirs.input), ("outputs", ours.output, theirs.output)):
+        if [x.SerializeToString() for x in a] != [x.SerializeToString() for x in b]:
+            return f"the graph {what} differ"
+    mine, other = [n.SerializeToString() for n in ours.node], [n.SerializeToString() for n in theirs.node]
+    if mine != other:
+        at = next((i for i, (x, y) in enumerate(zip(mine, other)) if x != y), min(len(mine), len(other)))
+        where = ours.node[at].name if at < len(ours.node) else "the end"
+        return f"node {at} ({where}) differs" if len(mine) == len(other) else \
+            f"{len(other)} nodes where the lowering gives {len(mine)} (first difference at node {at}, {where})"
+    weights = {t.name: t.SerializeToString() for t in ours.initializer}
+    other_weights = {t.name: t.SerializeToString() for t in theirs.initializer}
+    for name in sorted(set(weights) | set(other_weights)):
+        if weights.get(name) != other_weights.get(name):
+            return f"weight or constant {name} differs"
+    return None
+
+
+def lowering_difference(portable: onnx.ModelProto, plugin: onnx.ModelProto) -> str | None:
+    """Where ``portable`` differs from ``plugin`` with its TokenMerge nodes lowered (None: nowhere)."""
+    try:
+        expected = lower_model(plugin)
+    except ValueError as exc:
+        return f"the plugin flavour cannot be lowered: {exc}"
+    difference = _same_graph(expected.graph, portable.graph)
+    if difference is None:
+        imports = sorted((o.domain, o.version) for o in portable.opset_import)
+        if imports != sorted((o.domain, o.version) for o in expected.opset_import):
+            difference = f"its opset imports {imports} differ"
+    return None if difference is None else f"model.onnx is not model.plugin.onnx with its merge steps lowered: {difference}"
