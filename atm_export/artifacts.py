@@ -16,11 +16,11 @@ exactly those of dead runs, and leaves a live run's alone.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -35,6 +35,9 @@ ARTIFACT_NAMES = (
     "model.onnx",
     "model.plugin.onnx",
     "model.engine",
+    "tokens.png",
+    "latency.png",
+    "merge_maps.png",
     "report.md",
     "report.json",
 )
@@ -78,16 +81,14 @@ class ArtifactWriter:
             self._staged.append(name)
         return self.staging / name
 
-    def final_path(self, name: str) -> Path:
-        return self.directory / name
+    def staged(self, name: str) -> bool:
+        """Whether this run has written artifact ``name``."""
+        return name in self._staged and (self.staging / name).exists()
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path(name)
         path.write_text(text)
         return path
-
-    def write_json(self, name: str, obj) -> Path:
-        return self.write_text(name, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
     def commit(self) -> list[Path]:
         """Move the staged files into the output directory; report.json goes last."""
@@ -135,6 +136,16 @@ class ArtifactWriter:
             self.commit()
         else:
             self.abort()
+
+
+@contextmanager
+def open_output(directory: str | Path, force: bool = False):
+    """``with open_output(dir) as writer:`` stages the run's files; they are committed when the
+    block ends normally and dropped when it raises (a signal included)."""
+    with deferred():  # a signal now is raised once ``writer`` is set, so that its cleanup runs
+        writer = ArtifactWriter(directory, force)
+    with writer:
+        yield writer
 
 
 def _hold_lock(path: Path) -> int:

@@ -1,8 +1,14 @@
-"""Latency benchmarks: wall-clock percentiles, merge-time shares, and fixed token schedules.
+"""Benchmarks: timing statistics, speed-ups over each runtime's unmerged model, merge-time
+shares, and fixed token schedules.
 
 Random weights merge differently from trained ones, so benchmarks can replay a fixed per-block
 token schedule (``schedule_for_gflops`` builds one for a FLOPs target) instead of letting the
 weights decide. Latency is measured, never asserted by tests.
+
+Timing: after a warm-up, a measurement repeats the call until it has at least ``min_runs``
+runs and has run for ``budget_s`` (at most ``max_runs``), so fast calls (small batches) get
+many runs and a stable median. Every measurement reports its spread, (p90 - p10) / p50; one
+above ``NOISY_SPREAD`` is flagged as noisy rather than stated as fact.
 """
 
 from __future__ import annotations
@@ -10,28 +16,159 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .backends import BASELINES
+from .contract import NODE_PREFIX
 from .errors import UserError
 from .flops import ViTDims, image_macs
 from .merge import max_merges
-from .ops import NODE_PREFIX
+from .report.model import Benchmark, TimingStats
+
+#: A measurement whose (p90 - p10) / p50 exceeds this is flagged as noisy.
+NOISY_SPREAD = 0.25
 
 
-def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> dict:
-    """p50 / p90 / mean of ``runs`` timed calls, in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, runs)):
+@dataclass(frozen=True)
+class TimingPlan:
+    """How long to measure: at least ``min_runs`` timed runs and ``budget_s`` seconds, at most
+    ``max_runs`` runs, after ``warmup`` untimed ones."""
+
+    min_runs: int = 5
+    budget_s: float = 2.0
+    max_runs: int = 200
+    warmup: int = 1
+
+
+@dataclass
+class Timing:
+    """Wall-clock times of repeated calls on one batch, in milliseconds."""
+
+    batch: int
+    runs_ms: list[float]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.runs_ms, q))
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / p50: how much the middle 80% of the runs vary, relative to the median."""
+        return (self.percentile(90) - self.percentile(10)) / self.p50 if self.p50 > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return len(self.runs_ms) < 3 or self.spread > NOISY_SPREAD
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median latency."""
+        return self.batch / (self.p50 / 1e3) if self.p50 > 0 else float("inf")
+
+    def summary(self) -> dict:
+        return {"p50": self.p50, "p90": self.percentile(90), "p99": self.percentile(99),
+                "mean": float(np.mean(self.runs_ms)), "std": float(np.std(self.runs_ms)),
+                "spread": self.spread, "throughput": self.throughput, "runs": len(self.runs_ms),
+                "noisy": self.noisy}
+
+
+def measure(call: Callable[[], object], batch: int, plan: TimingPlan = TimingPlan()) -> Timing:
+    """Time ``call`` (one batch of ``batch`` images) as ``plan`` says."""
+    for _ in range(plan.warmup):
+        call()
+    runs: list[float] = []
+    started = time.perf_counter()
+    while len(runs) < plan.max_runs and (len(runs) < plan.min_runs or time.perf_counter() - started < plan.budget_s):
         start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)),
-            "mean": float(np.mean(times)), "runs": len(times)}
+        call()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return Timing(batch, runs)
+
+
+def time_runners(runners: dict, inputs: dict[int, np.ndarray], plan: TimingPlan,
+                 on_measured: Callable[[str, Timing], None] | None = None) -> dict[str, dict[int, Timing]]:
+    """Every (active) runner on every batch of ``inputs`` (batch size -> images)."""
+    latency: dict[str, dict[int, Timing]] = {}
+    for name, runner in runners.items():
+        for batch, images in inputs.items():
+            timing = measure(lambda: runner.run(images), batch, plan)
+            latency.setdefault(name, {})[batch] = timing
+            if on_measured:
+                on_measured(name, timing)
+    return latency
+
+
+def speedups(latency: dict[str, dict[int, Timing]], batch: int) -> dict[str, float]:
+    """Median speed-up of every merged backend over its runtime's unmerged model at ``batch``."""
+    return {name: latency[base][batch].p50 / latency[name][batch].p50
+            for name, base in BASELINES.items() if batch in latency.get(name, {}) and batch in latency.get(base, {})}
+
+
+def benchmark(bundle, names: list[str], inputs: dict[int, np.ndarray], plan: TimingPlan, *, flops_ratio: float,
+              description: str, schedule: dict | None = None, plugin_library: str | None = None,
+              on_measured: Callable[[str, Timing], None] | None = None) -> Benchmark:
+    """Time every backend of ``names`` on ``bundle`` at every batch of ``inputs``, with the
+    speed-ups over each runtime's unmerged model and the merge steps' share of the time.
+
+    flops_ratio: baseline GFLOPs / GFLOPs of what the merged models run; description: what
+    was timed, for the report.
+    """
+    from .backends import open_runner
+
+    latency: dict[str, dict[int, Timing]] = {}
+    for name in names:
+        with open_runner(bundle, name, plugin_library=plugin_library) as runner:
+            latency.update(time_runners({name: runner}, inputs, plan, on_measured))
+    largest = max(inputs)
+    speedup = speedups(latency, largest)
+    return Benchmark(
+        description=f"{description}, at least {plan.min_runs} timed runs and {plan.budget_s:g} s per measurement "
+                    f"after a warm-up, {torch.get_num_threads()} threads",
+        batches=sorted(inputs), threads=torch.get_num_threads(),
+        plan={"min_runs": plan.min_runs, "budget_s": plan.budget_s, "max_runs": plan.max_runs},
+        latency={n: {str(b): TimingStats(**t.summary()) for b, t in per.items()} for n, per in latency.items()},
+        speedup=speedup, speedup_batch=largest, flops_ratio=flops_ratio,
+        speedup_over_flops_ratio={n: v / flops_ratio for n, v in speedup.items()},
+        merge_share=merge_shares(bundle, inputs[largest]),
+        noisy=[f"{n} at batch {b}" for n, per in latency.items() for b, t in per.items() if t.noisy],
+        schedule=schedule)
+
+
+def merge_shares(bundle, images: np.ndarray) -> dict[str, float]:
+    """The merge steps' share of a forward pass: eager (timed in the model) and the portable
+    flavour in ONNX Runtime (from its profiler), where the bundle has it."""
+    from .backends import open_runner
+
+    shares = {"eager_atm": eager_merge_share(bundle.atm, torch.from_numpy(images))}
+    if bundle.portable is not None:
+        with open_runner(bundle, "ort_portable", profile=True) as runner:
+            shares["ort_portable"] = ort_merge_share(runner.run_profiled(images))
+    return shares
+
+
+def eager_merge_share(atm, images: torch.Tensor) -> float:
+    """Fraction of an eager forward pass spent inside the merge steps (a warm-up run first)."""
+    with torch.inference_mode():
+        atm(images)
+        start = time.perf_counter()
+        _, stats = atm.run(images, time_merges=True)
+        total = time.perf_counter() - start
+    return stats.merge_seconds / total if total > 0 else 0.0
+
+
+def ort_merge_share(events: list[dict], prefix: str = NODE_PREFIX) -> float:
+    """Fraction of ONNX Runtime node time spent in merge nodes (from profiler trace events)."""
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    total = sum(e["dur"] for e in nodes)
+    merge = sum(e["dur"] for e in nodes if e["name"].startswith(prefix))
+    return merge / total if total else 0.0
 
 
 def schedule_gflops(dims: ViTDims, tokens: list[int], prefix_last: bool) -> float:
@@ -90,26 +227,3 @@ def parse_schedule(spec: str, dims: ViTDims, prefix_last: bool) -> list[int]:
         if not a - max_merges(a - dims.num_prefix) <= b <= a:
             raise UserError(f"--bench-schedule: one block can merge at most half its unprotected tokens ({a} -> {b})")
     return tokens
-
-
-def eager_merge_share(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """Fraction of an eager forward pass spent inside the merge steps (``atm.merge`` ranges)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with torch.inference_mode():
-        model(images)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            with record_function("forward"):
-                model(images)
-    events = {e.key: e for e in prof.key_averages()}
-    total = events["forward"].cpu_time_total
-    merge = events["atm.merge"].cpu_time_total if "atm.merge" in events else 0.0
-    return merge / total if total else 0.0
-
-
-def ort_merge_share(events: list[dict], prefix: str = NODE_PREFIX) -> float:
-    """Fraction of ONNX Runtime node time spent in merge nodes (from profiler trace events)."""
-    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    total = sum(e["dur"] for e in nodes)
-    merge = sum(e["dur"] for e in nodes if e["name"].startswith(prefix))
-    return merge / total if total else 0.0

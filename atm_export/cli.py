@@ -9,6 +9,7 @@ reported as one line on stderr with a non-zero exit status.
 
 from __future__ import annotations
 
+import difflib
 import signal
 import sys
 from pathlib import Path
@@ -16,18 +17,32 @@ from pathlib import Path
 import click
 
 from . import signals
-from .errors import ArtifactMismatchError, NonFiniteInputError, ParityError, UserError
+from .errors import ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError
 
 EXIT_USAGE = 2
 
 
 class DefaultGroup(click.Group):
-    """A group whose first argument, when it is not a subcommand, goes to ``export``."""
+    """A group whose first argument, when it is not a subcommand, goes to ``export``.
+
+    A first word that is no model but close to a subcommand's name (``chek``) is taken for a
+    mistyped subcommand, not for a model called "chek".
+    """
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            self._refuse_mistyped_command(args[0])
             args = ["export", *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_mistyped_command(self, word: str) -> None:
+        close = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.75)
+        if not close:
+            return
+        from .registry import find_model  # imports timm: only for words close to a subcommand
+
+        if find_model(word) is None:
+            raise click.UsageError(f"unknown command {word!r}; did you mean {close[0]!r}?")
 
 
 def _int_list(value: str | None, minimum: int, what: str) -> tuple[int, ...] | None:
@@ -58,24 +73,37 @@ def cli():
 
 
 def _statuses(parity: dict) -> str:
-    return ", ".join(f"{name} {result['status']}" for name, result in parity.items()) or "not run"
+    return ", ".join(f"{name} {result.status}" for name, result in parity.items()) or "not run"
+
+
+def _console(quiet: bool, verbose: bool):
+    from .console import Console
+
+    return Console(verbosity=0 if quiet else (2 if verbose else 1))
+
+
+def _verbosity_options(command):
+    command = click.option("--verbose", "-v", is_flag=True, help="Also print every detail (parity notes, each timing).")(command)
+    return click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors and the final line.")(command)
 
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--preset", help="Preset from models/registry.toml (default: lossless). See `atm-export models`.")
+@click.option("--preset", help="Preset from models/registry.toml (default: lossless); the settings below override "
+                                 "its fields. See `atm-export models`.")
 @click.option("--policy", type=click.Choice(["atm", "atm-per-image", "tome", "none"]), help="Merge-count policy.")
 @click.option("--alpha", type=float, help="ATM initial threshold (0..1).")
 @click.option("--beta", type=float, help="ATM threshold decay rate.")
 @click.option("--theta-min", type=float, help="ATM lowest threshold (0..1).")
 @click.option("--split-layer", type=int, help="Last block with alternate matching; later blocks use size-distinctive matching.")
-@click.option("--r", "r", callback=_parse_r, help="ToMe merge count: one number, or one per block (comma-separated).")
+@click.option("--r", "r", callback=_parse_r, help="ToMe merge count (with --policy tome): one number, or one per block.")
 @click.option("--prop-attn/--no-prop-attn", default=None, help="Proportional attention (default: on for class-token models).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub.")
 @click.option("--random-init", is_flag=True, help="Random weights (every output is flagged).")
 @click.option("--images", type=click.Path(file_okay=False), help="Directory of sample images (default: built-in scenes).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sample batch size.")
-@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (default: atm-out/MODEL-PRESET, or atm-out/MODEL).")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Output directory (default: atm-out/MODEL-PRESET, or atm-out/MODEL with settings of your own).")
 @click.option("--force", is_flag=True, help="Replace the artifacts of an earlier run in the output directory.")
 @click.option("--onnx/--no-onnx", "export", default=True, show_default=True, help="Export ONNX (both flavours) and check it.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or newer).")
@@ -86,23 +114,28 @@ def _statuses(parity: dict) -> str:
 @click.option("--rtol", type=click.FloatRange(min=0), help="Parity: relative tolerance; passes when |a-b| <= atol + rtol*|b| (default 1e-4 fp32, 2e-2 fp16).")
 @click.option("--benchmark/--no-benchmark", default=True, show_default=True, help="Measure latency.")
 @click.option("--bench-batches", callback=_parse_batches, default="1,8,32", show_default=True, help="Benchmark batch sizes.")
-@click.option("--bench-runs", type=click.IntRange(1, 1000), default=5, show_default=True, help="Timed runs per measurement.")
+@click.option("--bench-runs", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="At least this many timed runs per measurement ...")
+@click.option("--bench-time", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="... and at least this many seconds (fast calls get many runs).")
 @click.option("--bench-schedule", help="Replay a fixed token schedule: gflops:3.2, a report.json, or 197,180,...")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True, help="Build and check a TensorRT engine when TensorRT is installed.")
 @click.option("--trt-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--trt-plugin", type=click.Path(dir_okay=False), help="TokenMerge plugin library (default: the one `atm-export build-plugin` built).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def export_cmd(model, preset, output, quiet, **kw):
+@click.option("--visualize", is_flag=True, help="Draw merge maps of the sample images (merge_maps.png).")
+@click.option("--visualize-blocks", callback=lambda c, p, v: _int_list(v, 1, "expected block numbers of at least 1"),
+              help="Blocks after which to draw the merge maps (default: the split layer and the last merge).")
+@_verbosity_options
+def export_cmd(model, preset, output, quiet, verbose, **kw):
     """Patch MODEL with ATM, export ONNX, check every backend against eager PyTorch, benchmark, report."""
-    from .pipeline import JobOptions, run_job
-    from .progress import Progress
+    from .jobs.export import JobOptions, default_output, run_job
 
     overrides = {k: kw.pop(k) for k in ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn")}
-    output = Path(output) if output else Path("atm-out") / (f"{model}-{preset}" if preset else model)
+    output = Path(output) if output else default_output(model, preset, overrides)
     opts = JobOptions(model=model, output=output, preset=preset, overrides=overrides, **kw)
-    report = run_job(opts, Progress(enabled=not quiet))
-    g = report["gflops"]
-    click.echo(f"wrote {output} (GFLOPs {g['baseline']:.2f} -> {g['atm']:.2f}; parity: {_statuses(report.get('parity', {}))})")
+    report = run_job(opts, _console(quiet, verbose))
+    click.echo(f"wrote {output}: {report.status} (GFLOPs {report.flops.baseline:.2f} -> {report.flops.atm:.2f}; "
+               f"parity: {_statuses(report.parity)})")
 
 
 @cli.command("check")
@@ -111,17 +144,16 @@ def export_cmd(model, preset, output, quiet, **kw):
 @click.option("--strict-parity", is_flag=True, help="Fail also on counts that differ only at a threshold.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default 1e-5 fp32, 2e-2 fp16; not read from the report).")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance: |a-b| <= atol + rtol*|b| (default 1e-4 fp32, 2e-2 fp16).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def check_cmd(directory, weights, strict_parity, atol, rtol, quiet):
+@_verbosity_options
+def check_cmd(directory, weights, strict_parity, atol, rtol, quiet, verbose):
     """Re-validate the artifacts in DIRECTORY against their report and eager PyTorch (for users' CI).
 
     Exit 0: everything matches; 3: an artifact or a figure does not match its report, or a
     backend disagrees with eager PyTorch; 2: the directory or its files cannot be read.
     """
-    from .check import check_artifacts
-    from .progress import Progress
+    from .jobs.check import check_artifacts
 
-    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, progress=Progress(enabled=not quiet),
+    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, console=_console(quiet, verbose),
                              atol=atol, rtol=rtol)
     click.echo(f"{directory}: artifacts match their report; parity {_statuses(result)}")
 
@@ -175,7 +207,7 @@ def _run(argv: list[str] | None) -> int:
     except signals.Aborted as exc:
         click.echo("atm-export: aborted", err=True)
         return exc.exit_code
-    except (UserError, NonFiniteInputError) as exc:
+    except (UserError, SettingsError, NonFiniteInputError) as exc:
         click.echo(f"atm-export: error: {exc}", err=True)
         return EXIT_USAGE
     except ParityError as exc:

@@ -21,3 +21,11 @@ class ArtifactMismatchError(Exception):
 
 class NonFiniteInputError(ValueError):
     """The patched model was given NaN or infinite pixels (see ATMVisionTransformer.check_finite)."""
+
+
+class SettingsError(ValueError):
+    """Merge settings that cannot work (a bad threshold, a preset that does not exist, options
+    that contradict each other). The message is one line that names the fix; the CLI prints
+    it like a :class:`UserError` and exits 2."""
+
+    exit_code = 2

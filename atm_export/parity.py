@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import merge as M
-from .patch import ATMVisionTransformer, RecordedStep
+from .patch import ATMVisionTransformer, RecordedStep, RunStats
 
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
 RULE = "|a - b| <= atol + rtol * |b|, elementwise, b = eager PyTorch"
@@ -80,8 +80,8 @@ DEFAULT_TOLERANCES = {"fp32": Tolerance(atol=1e-5, rtol=1e-4), "fp16": Tolerance
 #: How close a choice must be for float rounding to explain a different one.
 DECISION_TOL = {"fp32": 1e-5, "fp16": 5e-3}
 
-#: images [B, 3, H, W] float32 -> (logits [B, K], tokens entering each block or None)
-Backend = Callable[[np.ndarray], tuple[np.ndarray, list[int] | None]]
+#: merge plans -> a replaying runner of the plugin flavour (atm_export.backends; not yet active)
+OpenReplay = Callable[[list], object]
 
 
 def tolerance_for(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -101,6 +101,7 @@ class Reference:
     tie_gaps: list[float | None]  # per block: smallest gap between a choice and its runner-up
     thresholds: list[float | None]
     steps: list[RecordedStep]  # every merge step's inputs and choices
+    stats: RunStats  # the run's statistics (token counts per image, merge counts)
 
     def _call(self, block: int, kind: str, precision: str) -> tuple[str, int, float] | None:
         value = (self.margins if kind == "near_threshold" else self.tie_gaps)[block]
@@ -141,16 +142,11 @@ class Reference:
 
 def reference_run(atm: ATMVisionTransformer, images: torch.Tensor) -> Reference:
     """Eager PyTorch on ``images``, with the decision margins measured."""
-    atm.diagnostics = True
-    try:
-        with torch.inference_mode():
-            logits = atm(images)
-    finally:
-        atm.diagnostics = False
-    stats = atm.last_stats
+    with torch.inference_mode():
+        logits, stats = atm.run(images, diagnostics=True)
     thresholds = [None if s is None else s.threshold for s in atm.steps]
     return Reference(images.numpy(), logits.numpy(), [int(t) for t in stats.tokens_per_layer],
-                     list(stats.margin_per_layer), list(stats.tie_gap_per_layer), thresholds, stats.steps)
+                     list(stats.margin_per_layer), list(stats.tie_gap_per_layer), thresholds, stats.steps, stats)
 
 
 def explain_call(ref: Reference, call: tuple[str, int, float]) -> str:
@@ -252,25 +248,24 @@ def choice_deviation(step: RecordedStep, other: M.Choices) -> float:
     return float(max(which, partner))
 
 
-def replay_check(run: Backend, ref: Reference, tolerance: Tolerance | None = None) -> dict:
-    """Run the plugin flavour in ONNX Runtime with eager PyTorch's choices replayed.
+def replay_check(open_replay: OpenReplay, ref: Reference, tolerance: Tolerance | None = None) -> dict:
+    """Run the plugin flavour with eager PyTorch's choices replayed (``open_replay(plans)``).
 
     Two findings: the graph around the op must reproduce eager's logits, and every node's own
     decision (its attributes applied to the replayed inputs) must be eager's choice or one
     within float rounding of it.
     """
-    from .backends.ort_custom_op import replaying
-
     tol = tolerance or DEFAULT_TOLERANCES["fp32"]
     try:
-        with replaying([step.plan for step in ref.steps]) as replay:
-            logits, tokens = run(ref.images)
+        with open_replay([step.plan for step in ref.steps]) as runner:
+            out = runner.run(ref.images)
     except Exception as exc:
         return {"status": FAILED, "note": f"replay failed: {str(exc).splitlines()[0]}"}
+    logits, tokens = out.logits, out.tokens
     diff = float(np.abs(logits.astype(np.float64) - ref.logits).max())
     ratio = tol.error_ratio(logits, ref.logits)
     result = {"status": PASSED, "max_abs_diff": diff, "error_ratio": ratio}
-    for step, own in zip(ref.steps, replay.decisions):
+    for step, own in zip(ref.steps, out.decisions or []):
         deviation = choice_deviation(step, M.Choices.of(own.plan))
         if deviation > DECISION_TOL["fp32"]:
             what = (f"merges {own.r} pairs where eager merges {step.plan.r}" if own.r != step.plan.r
@@ -288,16 +283,15 @@ def lowering_check(portable_model, plugin_model, ref: Reference, tolerance: Tole
     """Every lowered merge step of the portable flavour, run alone on the inputs eager's merge
     step saw: same choices and outputs, or a different choice only where eager's own
     similarities make it a tie within rounding."""
-    import onnxruntime as ort
-
+    from .backends.ort import run_step
+    from .contract import node_name
     from .export.lowering import extract_step
-    from .ops import merge_node_name
 
     tol = tolerance or DEFAULT_TOLERANCES["fp32"]
     merges = {n.name: n for n in plugin_model.graph.node if n.op_type == "TokenMerge"}
     worst_gap, worst_ratio, differing = 0.0, 0.0, []
     for step in ref.steps:
-        node = merges.get(merge_node_name(step.block + 1))
+        node = merges.get(node_name(step.block + 1))
         try:
             if node is None:
                 raise ValueError(f"no TokenMerge node for block {step.block + 1}")
@@ -306,8 +300,7 @@ def lowering_check(portable_model, plugin_model, ref: Reference, tolerance: Tole
             return {"status": FAILED, "note": f"model.onnx is not atm-export's lowering: {exc}"}
         feeds = {"x": step.x.numpy(), "size": step.size.numpy(), "metric": step.metric.numpy()}
         try:
-            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            x_out, size_out, _, src, dst, kept = session.run(None, feeds)
+            x_out, size_out, _, src, dst, kept = run_step(model, feeds)
         except Exception as exc:  # e.g. an index out of range: not a valid merge step
             return {"status": FAILED, "choices_differ_in_blocks": [step.block + 1],
                     "note": f"the lowered merge step of block {step.block + 1} fails on eager's inputs: "
@@ -329,9 +322,9 @@ def lowering_check(portable_model, plugin_model, ref: Reference, tolerance: Tole
     return result
 
 
-def check_backend(backend: Backend, references: list[Reference], precision: str = "fp32", strict: bool = False,
+def check_backend(runner, references: list[Reference], precision: str = "fp32", strict: bool = False,
                   extra_checks: dict | None = None, tolerance: Tolerance | None = None) -> dict:
-    """A backend on every reference batch -> the report's ``parity.<backend>`` entry.
+    """An (active) runner on every reference batch -> the report's ``parity.<backend>`` entry.
 
     extra_checks: name -> fn(reference) -> {"status", ...}, run on every batch (see
     ``replay_check`` and ``lowering_check``); they can settle an inconclusive free run.
@@ -340,8 +333,8 @@ def check_backend(backend: Backend, references: list[Reference], precision: str 
     batches = {}
     for ref in references:
         try:
-            logits, tokens = backend(ref.images)
-            result = compare(ref, logits, tokens, precision, tol)
+            out = runner.run(ref.images)
+            result = compare(ref, out.logits, out.tokens, precision, tol)
         except Exception as exc:  # a broken graph may fail to run at all: that is a failed check
             result = {"status": FAILED, "max_abs_diff": None, "error_ratio": None, "top1_agreement": None,
                       "token_counts_equal": None, "note": f"the backend fails to run: {str(exc).splitlines()[0][:200]}"}
@@ -382,7 +375,7 @@ def check_backend(backend: Backend, references: list[Reference], precision: str 
     }
 
 
-def ort_extra_checks(plugin_model, plugin_run: Backend, portable_model=None,
+def ort_extra_checks(plugin_model, open_replay: OpenReplay, portable_model=None,
                      tolerance: Tolerance | None = None) -> dict[str, dict]:
     """The replay and lowering checks for the ONNX Runtime backends, by backend name.
 
@@ -398,7 +391,7 @@ def ort_extra_checks(plugin_model, plugin_run: Backend, portable_model=None,
 
     def replay(ref: Reference) -> dict:  # one replay per batch, shared by both backends
         if id(ref) not in replays:
-            replays[id(ref)] = replay_check(plugin_run, ref, tolerance)
+            replays[id(ref)] = replay_check(open_replay, ref, tolerance)
         return replays[id(ref)]
 
     checks = {"ort_plugin": {"replay": replay}}

@@ -18,6 +18,7 @@ exporter's SDPA decomposition cannot handle a data-dependent token count).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,10 @@ class RunStats:
     per_image_r: pairs merged by each block, for every image.
     sources: [B, N, N0] which input patches each token holds (only with ``trace_source``),
         taken before the last block of class-token models drops the image tokens.
+    sources_after: with ``trace_source``, block (1-based) -> [B, N_b, N0] the same after
+        every block that merges.
     steps: with ``diagnostics``, every merge step's inputs and choices (for parity checks).
+    merge_seconds: wall time spent in the merge steps (measured when ``time_merges`` is set).
     """
 
     tokens_per_layer: list[float]
@@ -79,7 +83,9 @@ class RunStats:
     per_image_tokens: list[list[int]]
     per_image_r: list[list[int]]
     sources: torch.Tensor | list[torch.Tensor] | None = None
+    sources_after: dict[int, torch.Tensor] = field(default_factory=dict)
     steps: list["RecordedStep"] = field(default_factory=list)
+    merge_seconds: float = 0.0
 
 
 @dataclass
@@ -94,35 +100,97 @@ class RecordedStep:
     plan: M.MergePlan
 
 
-@dataclass
-class _Trace:
-    tokens: list[int] = field(default_factory=list)
-    r: list[int] = field(default_factory=list)
-    counts: list[list[int] | None] = field(default_factory=list)
-    margins: list[float | None] = field(default_factory=list)
-    tie_gaps: list[float | None] = field(default_factory=list)
-    sources: torch.Tensor | None = None
-    steps: list[RecordedStep] = field(default_factory=list)
+class _EagerMerges:
+    """The merge steps of an eager run (atm_export.merge), recording what a RunStats holds."""
 
-    def no_step(self) -> None:
+    def __init__(self, model: "ATMVisionTransformer", batch: int, n: int, x: torch.Tensor, *,
+                 diagnostics: bool, time_merges: bool):
+        self.model, self.diagnostics, self.time_merges = model, diagnostics, time_merges
+        self.tokens: list[int] = []
+        self.r: list[int] = []
+        self.counts: list[list[int] | None] = []
+        self.margins: list[float | None] = []
+        self.tie_gaps: list[float | None] = []
+        self.steps: list[RecordedStep] = []
+        self.merge_seconds = 0.0
+        self.sources = torch.eye(n, dtype=x.dtype).expand(batch, n, n) if model.trace_source else None
+        self.sources_after: dict[int, torch.Tensor] = {}
+
+    def enter(self, block: int, x: torch.Tensor) -> None:
+        self.tokens.append(x.shape[1])
+
+    def skip(self, block: int) -> None:
         self.r.append(0)
         self.counts.append(None)
         self.margins.append(None)
         self.tie_gaps.append(None)
 
+    def merge(self, block: int, step: StepSpec, x, size, metric):
+        if size is None:
+            size = x.new_ones(x.shape[:2], dtype=torch.float32)
+        start = time.perf_counter() if self.time_merges else 0.0
+        out = M.token_merge(x, size, metric, threshold=step.threshold, r=step.r, split_mode=step.split_mode,
+                            num_protected=self.model.num_protected, diagnostics=self.diagnostics)
+        if self.time_merges:
+            self.merge_seconds += time.perf_counter() - start
+        if self.sources is not None:
+            self.sources = M.merge_summed(out.plan, self.sources)
+            self.sources_after[block + 1] = self.sources
+        self.r.append(out.r)
+        self.counts.append(None if out.counts is None else [int(c) for c in out.counts])
+        self.margins.append(out.margin)
+        self.tie_gaps.append(out.tie_gap)
+        if self.diagnostics:
+            self.steps.append(RecordedStep(block, step, x, size, metric, out.plan))
+        return out.x, out.size
+
+    def stats(self, batch: int) -> RunStats:
+        return RunStats(
+            tokens_per_layer=[float(t) for t in self.tokens], r_per_layer=[float(r) for r in self.r],
+            counts_per_layer=self.counts, margin_per_layer=self.margins, tie_gap_per_layer=self.tie_gaps,
+            per_image_tokens=[list(self.tokens) for _ in range(batch)], per_image_r=[list(self.r) for _ in range(batch)],
+            sources=self.sources, sources_after=self.sources_after, steps=self.steps, merge_seconds=self.merge_seconds)
+
+
+class _OpMerges:
+    """The merge steps as the TokenMerge custom op (the exported form), counting tokens as tensors."""
+
+    def __init__(self, model: "ATMVisionTransformer", n: int):
+        self.model = model
+        self.count = torch.full((), n, dtype=torch.int64)
+        self.counts: list[torch.Tensor] = []
+
+    def enter(self, block: int, x: torch.Tensor) -> None:
+        self.counts.append(self.count)
+
+    def skip(self, block: int) -> None:
+        pass
+
+    def merge(self, block: int, step: StepSpec, x, size, metric):
+        from .ops import token_merge_op
+
+        if size is None:
+            size = x.new_ones(x.shape[:2], dtype=torch.float32)
+        x, size, self.count = token_merge_op(x, size, metric, step, self.model.num_protected)
+        return x, size
+
 
 class ATMVisionTransformer(nn.Module):
     """A timm VisionTransformer run with ATM merging. Shares ``vit``'s parameters.
 
-    ``forward(images)`` returns what the timm model returns (logits); the merge statistics of
-    the last call are in ``last_stats``. With ``use_op=True`` every merge step goes through the
-    ``atm_export::token_merge`` custom op (the exported form) and ``forward_export`` returns
-    ``(logits, tokens_per_layer)`` as tensors. With ``diagnostics`` set, every merge step
-    also measures how close its choices came to their runner-ups (for parity checks).
+    - ``forward(images)`` returns what the timm model returns (logits); the merge statistics of
+      the call are in ``last_stats``.
+    - ``run(images, diagnostics=..., time_merges=...)`` returns ``(logits, RunStats)``; with
+      ``diagnostics`` every merge step also measures how close its choices came to their
+      runner-ups and records its inputs (for parity checks), with ``time_merges`` the time
+      spent merging is measured.
+    - ``forward_export(images)`` runs every merge step through the ``atm_export::token_merge``
+      custom op (the exported form) and returns ``(logits, tokens_per_layer)`` as tensors.
 
-    ``check_finite`` (default on): a batch holding NaN or infinite pixels raises
-    :class:`NonFiniteInputError` instead of running, because batch-adaptive merging would let
-    the broken image change every other image's token counts. Set it to False to allow them.
+    ``trace_source`` (when built): the statistics say which input patches each token holds,
+    after every merging block (for merge maps). ``check_finite`` (default on): a batch holding
+    NaN or infinite pixels raises :class:`NonFiniteInputError` instead of running, because
+    batch-adaptive merging would let the broken image change every other image's token counts.
     """
 
     def __init__(self, vit: nn.Module, config: MergeConfig, *, trace_source: bool = False, check_finite: bool = True):
@@ -139,49 +207,40 @@ class ATMVisionTransformer(nn.Module):
         self.steps: list[StepSpec | None] = config.steps(self.depth, merge_in_last_block=not self.class_token_head)
         self.trace_source = trace_source
         self.check_finite = check_finite
-        self.diagnostics = False
-        self.exporting = False
         self.last_stats: RunStats | None = None
 
     # ------------------------------------------------------------------ public API
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self._require_finite(images)
-        if self.config.per_image and images.shape[0] > 1:
-            parts = [self._run(images[i : i + 1]) for i in range(images.shape[0])]
-            self.last_stats = _combine_stats([p[1] for p in parts])
-            return torch.cat([p[0] for p in parts])
-        logits, stats = self._run(images)
-        self.last_stats = stats
+        logits, self.last_stats = self.run(images)
         return logits
 
-    def forward_export(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward through the TokenMerge custom op: (logits [B, K], tokens_per_layer [L] int64)."""
-        from .ops import token_merge_op
-
+    def run(self, images: torch.Tensor, *, diagnostics: bool = False, time_merges: bool = False,
+            explicit_attention: bool = False) -> tuple[torch.Tensor, RunStats]:
+        """Eager forward pass: (logits, RunStats). explicit_attention: never timm's fused SDPA."""
         self._require_finite(images)
-        vit = self.vit
+        modes = (diagnostics, time_merges, explicit_attention)
+        if self.config.per_image and images.shape[0] > 1:
+            parts = [self._run(images[i : i + 1], *modes) for i in range(images.shape[0])]
+            return torch.cat([p[0] for p in parts]), _combine_stats([p[1] for p in parts])
+        return self._run(images, *modes)
+
+    def forward_export(self, images: torch.Tensor, *, explicit_attention: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward through the TokenMerge custom op: (logits [B, K], tokens_per_layer [L] int64).
+
+        explicit_attention: never timm's fused SDPA (the exporter cannot decompose it with a
+        data-dependent token count); the finite-input check is left out then too (it cannot be
+        exported either).
+        """
+        if not explicit_attention:
+            self._require_finite(images)
         x = self._embed(images)
-        batch, n, _ = x.shape
-        size = x.new_ones(batch, n, dtype=torch.float32)
-        merged = False
-        count = torch.full((), n, dtype=torch.int64)
-        counts = []
-        for i, (blk, step) in enumerate(zip(vit.blocks, self.steps)):
-            counts.append(count)
-            if i == self.depth - 1 and self.class_token_head:
-                x = self._prefix_block(blk, x, size if merged else None)
-                continue
-            h, metric = self._attention(blk.attn, blk.norm1(x), size if merged else None)
-            x = x + blk.drop_path1(blk.ls1(h))
-            if step is not None:
-                x, size, count = token_merge_op(x, size, metric, step, self.num_protected)
-                merged = True
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        logits = self._head(vit.norm(x), size if merged else None)
-        return logits, torch.stack(counts)
+        merges = _OpMerges(self, x.shape[1])
+        x, size = self._blocks(x, merges, explicit_attention)
+        return self._head(self.vit.norm(x), size), torch.stack(merges.counts)
 
     def _require_finite(self, images: torch.Tensor) -> None:
-        if not self.check_finite or self.exporting:  # a data-dependent check cannot be exported
+        if not self.check_finite:
             return
         finite = torch.isfinite(images).flatten(1).all(1)
         if not bool(finite.all()):
@@ -191,40 +250,34 @@ class ATMVisionTransformer(nn.Module):
                 "them change every image's token counts (set check_finite=False on the model to allow them)")
 
     # ------------------------------------------------------------------ the forward pass
-    def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, RunStats]:
-        vit = self.vit
+    def _run(self, images: torch.Tensor, diagnostics: bool, time_merges: bool,
+             explicit_attention: bool) -> tuple[torch.Tensor, RunStats]:
         x = self._embed(images)
         batch, n, _ = x.shape
+        merges = _EagerMerges(self, batch, n, x, diagnostics=diagnostics, time_merges=time_merges)
+        x, size = self._blocks(x, merges, explicit_attention)
+        return self._head(self.vit.norm(x), size), merges.stats(batch)
+
+    def _blocks(self, x: torch.Tensor, merges, explicit_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every block: attention, then its merge step (``merges.merge``), then the MLP.
+
+        Returns the tokens after the last block and their sizes (None if nothing merged).
+        """
         size: torch.Tensor | None = None
-        trace = _Trace()
-        if self.trace_source:
-            trace.sources = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n)
-        for i, (blk, step) in enumerate(zip(vit.blocks, self.steps)):
-            trace.tokens.append(x.shape[1])
+        for i, (blk, step) in enumerate(zip(self.vit.blocks, self.steps)):
+            merges.enter(i, x)
             if i == self.depth - 1 and self.class_token_head:
-                x = self._prefix_block(blk, x, size)
-                trace.no_step()
+                x = self._prefix_block(blk, x, size, explicit_attention)
+                merges.skip(i)
                 continue
-            h, metric = self._attention(blk.attn, blk.norm1(x), size)
+            h, metric = self._attention(blk.attn, blk.norm1(x), size, explicit=explicit_attention)
             x = x + blk.drop_path1(blk.ls1(h))
-            if step is not None:
-                x, size = self._merge(x, size, metric, step, trace)
+            if step is None:
+                merges.skip(i)
             else:
-                trace.no_step()
+                x, size = merges.merge(i, step, x, size, metric)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        logits = self._head(vit.norm(x), size)
-        stats = RunStats(
-            tokens_per_layer=[float(t) for t in trace.tokens],
-            r_per_layer=[float(r) for r in trace.r],
-            counts_per_layer=trace.counts,
-            margin_per_layer=trace.margins,
-            tie_gap_per_layer=trace.tie_gaps,
-            steps=trace.steps,
-            per_image_tokens=[list(trace.tokens) for _ in range(batch)],
-            per_image_r=[list(trace.r) for _ in range(batch)],
-            sources=trace.sources,
-        )
-        return logits, stats
+        return x, size
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.vit
@@ -233,33 +286,12 @@ class ATMVisionTransformer(nn.Module):
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
 
-    def _merge(self, x, size, metric, step: StepSpec, trace: _Trace):
-        if size is None:
-            size = x.new_ones(x.shape[:2], dtype=torch.float32)
-        with torch.profiler.record_function("atm.merge"):
-            out = M.token_merge(
-                x, size, metric,
-                threshold=step.threshold, r=step.r,
-                split_mode=step.split_mode, num_protected=self.num_protected,
-                diagnostics=self.diagnostics,
-            )
-            if trace.sources is not None:
-                trace.sources = M.merge_summed(out.plan, trace.sources)
-        trace.r.append(out.r)
-        trace.counts.append(None if out.counts is None else [int(c) for c in out.counts])
-        trace.margins.append(out.margin)
-        trace.tie_gaps.append(out.tie_gap)
-        if self.diagnostics:
-            trace.steps.append(RecordedStep(len(trace.tokens) - 1, step, x, size, metric, out.plan))
-        return out.x, out.size
-
-    def _fused(self, attn: nn.Module) -> bool:
-        return bool(getattr(attn, "fused_attn", False)) and not self.exporting
-
-    def _attention(self, attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, q_rows: int | None = None):
+    def _attention(self, attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, q_rows: int | None = None,
+                   explicit: bool = False):
         """timm Attention with proportional attention. Returns (output [B, Nq, C], metric [B, N, D]).
 
         ``q_rows``: compute queries (and the output) for the first q_rows tokens only.
+        ``explicit``: the explicit formulation even where timm would use fused SDPA.
         """
         batch, n, _ = x.shape
         heads, head_dim = attn.num_heads, attn.head_dim
@@ -279,7 +311,7 @@ class ATMVisionTransformer(nn.Module):
         bias = None
         if size is not None and self.prop_attn:
             bias = size.log().to(q.dtype)[:, None, None, :]
-        if self._fused(attn):
+        if getattr(attn, "fused_attn", False) and not explicit:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             logits = (q * attn.scale) @ k.transpose(-2, -1)
@@ -294,10 +326,10 @@ class ATMVisionTransformer(nn.Module):
         out = attn.proj_drop(attn.proj(out))
         return out, k.mean(dim=1)
 
-    def _prefix_block(self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    def _prefix_block(self, blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None, explicit: bool) -> torch.Tensor:
         """Last block of a class-token model: only the protected tokens leave it."""
         p = self.num_protected
-        h, _ = self._attention(blk.attn, blk.norm1(x), size, q_rows=p)
+        h, _ = self._attention(blk.attn, blk.norm1(x), size, q_rows=p, explicit=explicit)
         x = x[:, :p] + blk.drop_path1(blk.ls1(h))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
@@ -336,6 +368,7 @@ def _combine_stats(stats: list[RunStats]) -> RunStats:
         per_image_tokens=[t for s in stats for t in s.per_image_tokens],
         per_image_r=[r for s in stats for r in s.per_image_r],
         sources=None if stats[0].sources is None else [s.sources[0] for s in stats],
+        merge_seconds=sum(s.merge_seconds for s in stats),
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
-from .errors import UserError
+from .errors import SettingsError, UserError
 from .schedule import MergeConfig
 
 
@@ -47,12 +47,13 @@ class ModelEntry:
         return self.short_name or self.timm_name
 
     def preset(self, name: str) -> Preset:
+        """The preset called ``name``; SettingsError (naming the presets there are) if none is."""
         if name in self.presets:
             return self.presets[name]
         if not self.presets:
-            raise UserError(f"{self.display_name} has no presets; give the settings instead "
-                            "(e.g. --alpha 0.99 --beta 0.04 --theta-min 0.88)")
-        raise UserError(f"{self.display_name} has no preset {name!r}; its presets: {', '.join(self.presets)}")
+            raise SettingsError(f"{self.display_name} has no presets; give the settings instead "
+                                "(e.g. --alpha 0.99 --beta 0.04 --theta-min 0.88)")
+        raise SettingsError(f"{self.display_name} has no preset {name!r}; its presets: {', '.join(self.presets)}")
 
 
 def _parse_presets(raw: dict, borrowed_from: str | None) -> dict[str, Preset]:
@@ -98,20 +99,31 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def resolve_model(name: str) -> ModelEntry:
-    """A short name (``deit_s``), a registered timm name, or any timm model name."""
+def registered_model(name: str) -> ModelEntry | None:
+    """The registry's entry for a short name or a registered timm name; None if it has none."""
     registry = load_registry()
     if name in registry:
         return registry[name]
-    for entry in registry.values():
-        if entry.timm_name == name:
-            return entry
+    return next((entry for entry in registry.values() if entry.timm_name == name), None)
+
+
+def find_model(name: str) -> ModelEntry | None:
+    """A short name, a registered timm name, or any timm model name (without presets); None
+    for a name that is none of these. Imports timm only for names outside the registry."""
+    entry = registered_model(name)
+    if entry is not None:
+        return entry
     import timm
 
-    base = name.split(".", 1)[0]
-    if timm.is_model(base):
-        return ModelEntry(timm_name=name)
-    candidates = list(registry) + _timm_names()
+    return ModelEntry(timm_name=name) if timm.is_model(name.split(".", 1)[0]) else None
+
+
+def resolve_model(name: str) -> ModelEntry:
+    """A short name (``deit_s``), a registered timm name, or any timm model name."""
+    entry = find_model(name)
+    if entry is not None:
+        return entry
+    candidates = list(load_registry()) + _timm_names()
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `atm-export models` for the registered names"
     raise UserError(f"unknown model {name!r}{hint}")

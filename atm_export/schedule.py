@@ -17,9 +17,10 @@ The threshold formula and ``r_l = floor(mean)`` are reconstructions (docs/method
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
-from .errors import UserError
+from .errors import SettingsError, UserError
 from .merge import ALTERNATE, SIZE_DISTINCTIVE
 
 POLICIES = ("atm", "atm-per-image", "tome", "none")
@@ -36,11 +37,18 @@ class StepSpec:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """Every setting of a merge schedule. Validate with :meth:`validate`.
+    """Every setting of a merge schedule, checked when it is built.
+
+    A setting that cannot work raises :class:`~atm_export.errors.SettingsError` (one line) at
+    construction; the checks that need the model's depth (``split_layer`` and the length of an
+    ``r`` list) run in :meth:`validate` and :meth:`steps`. For a model's preset with some
+    settings changed, use :meth:`from_preset`.
 
     split_layer: the last block (1-based) that uses alternate matching; later blocks use
     size-distinctive matching. ``None`` means about 3/4 of the depth for ATM (the paper's
     choice, 9 of 12 blocks) and never for ToMe.
+    r: the tome policy's merge count per block: one number (``8`` is taken as ``(8,)``), or one
+    per block. Only the tome policy reads it, so any other policy refuses it.
     prop_attn: proportional attention; ``None`` means on for class-token models and off for
     global-pool models (the paper's MAE setting).
     """
@@ -53,27 +61,62 @@ class MergeConfig:
     r: tuple[int, ...] = field(default_factory=tuple)
     prop_attn: bool | None = None
 
-    def validate(self, depth: int | None = None) -> "MergeConfig":
-        """Raise UserError (one line) for a setting that cannot work; return self."""
+    def __post_init__(self):
+        if isinstance(self.r, (int, float)) and not isinstance(self.r, bool):
+            object.__setattr__(self, "r", (self.r,))
+        elif isinstance(self.r, (list, tuple)):
+            object.__setattr__(self, "r", tuple(self.r))
+        self._check()
+
+    @classmethod
+    def from_preset(cls, model: str, preset: str = "lossless", **overrides) -> "MergeConfig":
+        """A registered model's preset with ``overrides`` (MergeConfig fields) on top.
+
+        ``model``: a registry short name (``deit_s``) or a timm name. The rules are the
+        command line's (atm_export.settings.resolve_settings): e.g.
+        ``MergeConfig.from_preset("deit_s", alpha=0.985)`` is deit_s's lossless preset with
+        alpha 0.985, and ``MergeConfig.from_preset("deit_s", policy="tome", r=8)`` uses no preset.
+        """
+        from .registry import resolve_model
+        from .settings import api_preset, resolve_settings
+
+        return resolve_settings(resolve_model(model), api_preset(preset), overrides).config
+
+    def _check(self) -> None:
+        """The checks that need no depth: raise SettingsError (one line)."""
         if self.policy not in POLICIES:
-            raise UserError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+            raise SettingsError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         if self.policy.startswith("atm"):
             for name in ("alpha", "theta_min"):
                 value = getattr(self, name)
-                if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                    raise UserError(f"{name} must be a similarity threshold in [0, 1], got {value}")
-            if not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 10.0):
-                raise UserError(f"beta (threshold decay rate) must be in [0, 10], got {self.beta}")
+                if not (_is_number(value) and 0.0 <= value <= 1.0):
+                    raise SettingsError(f"{name} must be a similarity threshold in [0, 1], got {value}")
+            if not (_is_number(self.beta) and 0.0 <= self.beta <= 10.0):
+                raise SettingsError(f"beta (threshold decay rate) must be in [0, 10], got {self.beta}")
+        if not isinstance(self.r, tuple):
+            raise SettingsError(f"r must be a number or a list of numbers, got {self.r!r}")
         if self.policy == "tome":
             if not self.r:
-                raise UserError("the tome policy needs r (one number, or one per block)")
-            if any(int(v) != v or v < 0 for v in self.r):
-                raise UserError(f"r must be non-negative integers, got {list(self.r)}")
-            if depth is not None and len(self.r) not in (1, depth):
-                raise UserError(f"r has {len(self.r)} values; give one, or one per block ({depth})")
-        if self.split_layer is not None:
-            if self.split_layer < 0 or (depth is not None and self.split_layer > depth):
-                raise UserError(f"split_layer must be in [0, {depth or 'depth'}], got {self.split_layer}")
+                raise SettingsError("the tome policy needs r (one number, or one per block)")
+            if any(not (_is_number(v) and float(v).is_integer() and v >= 0) for v in self.r):
+                raise SettingsError(f"r must be non-negative integers, got {list(self.r)}")
+        elif self.r:
+            raise SettingsError(f"r (a fixed merge count) is only read by the tome policy, not by {self.policy!r}; "
+                                "use policy 'tome' with r, or drop r")
+        if self.split_layer is not None and not (isinstance(self.split_layer, numbers.Integral) and self.split_layer >= 0):
+            raise SettingsError(f"split_layer must be in [0, depth], got {self.split_layer}")
+        if self.prop_attn is not None and not isinstance(self.prop_attn, bool):
+            raise SettingsError(f"prop_attn must be True, False or None, got {self.prop_attn!r}")
+
+    def validate(self, depth: int | None = None) -> "MergeConfig":
+        """Raise SettingsError (one line) for a setting that cannot work on a model of ``depth``
+        blocks; return self."""
+        self._check()
+        if depth is not None:
+            if self.policy == "tome" and len(self.r) not in (1, depth):
+                raise SettingsError(f"r has {len(self.r)} values; give one, or one per block ({depth})")
+            if self.split_layer is not None and self.split_layer > depth:
+                raise SettingsError(f"split_layer must be in [0, {depth}], got {self.split_layer}")
         return self
 
     def threshold(self, layer: int) -> float:
@@ -124,6 +167,10 @@ class MergeConfig:
         if self.policy != "tome":
             d.pop("r")
         return d
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def replay_config(r_per_block: list[int], split_layer: int | None = None, prop_attn: bool | None = None) -> MergeConfig:

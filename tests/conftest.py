@@ -77,3 +77,25 @@ def merging_inputs(batch=3, n=21, c=6, d=32, num_protected=1, seed=0, near=(0.02
             scale = near[0] + (near[1] - near[0]) * (k + 1) / len(a_positions)
             metric[bi, a] = metric[bi, partner] + scale * torch.randn(d, generator=g)
     return x, size, metric
+
+
+def token_merge_model(opset=18, **attrs):
+    """A model of one TokenMerge node (inputs x, size, metric; outputs x_out, size_out, num_tokens)."""
+    from onnx import TensorProto, helper
+
+    from atm_export import contract
+    from atm_export.ops import register_onnx_schema
+
+    register_onnx_schema()
+    node = helper.make_node("TokenMerge", ["x", "size", "metric"], ["x_out", "size_out", "num_tokens"],
+                            domain=contract.DOMAIN, name=contract.node_name(1), **attrs)
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [node], "one_merge",
+        [helper.make_tensor_value_info("x", f, ["B", "N", "C"]), helper.make_tensor_value_info("size", f, ["B", "N"]),
+         helper.make_tensor_value_info("metric", f, ["B", "N", "D"])],
+        [helper.make_tensor_value_info("x_out", f, ["B", "M", "C"]), helper.make_tensor_value_info("size_out", f, ["B", "M"]),
+         helper.make_tensor_value_info("num_tokens", TensorProto.INT64, [])],
+    )
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", opset),
+                                                                  helper.make_opsetid(contract.DOMAIN, contract.VERSION)])

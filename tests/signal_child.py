@@ -3,9 +3,9 @@
     python tests/signal_child.py PHASE ARGS...
 
 Prints ``PAUSED PHASE`` on stderr when the phase is reached, then waits (up to 30 s) for a
-signal. Most phases pause as their progress step begins; the ``*_plugin`` phases pause inside
-the ONNX Runtime reference kernel, i.e. inside ``InferenceSession.run``, where a Python
-exception cannot be raised (the case that used to abort the interpreter).
+signal. The ``*_plugin`` phases pause inside the ONNX Runtime reference kernel, i.e. inside
+``InferenceSession.run``, where a Python exception cannot be raised (the case that used to
+abort the interpreter); the others pause in Python as the phase's work begins.
 
 timm's ``test_vit`` is built with 2 blocks instead of 6, so that its export (and so every
 later phase) is reached in seconds.
@@ -17,20 +17,17 @@ import sys
 import time
 from contextlib import contextmanager
 
-from atm_export import cli, pipeline, progress, signals
+from atm_export import bench, cli, signals
 from atm_export.backends import ort_custom_op
+from atm_export.console import Console
+from atm_export.jobs import common
+from atm_export.report import markdown
 
-#: phase -> the progress step it starts with (None: paused elsewhere, see below)
-STEPS = {
-    "load": "loading ",
-    "export": "lowering to standard ops",  # model.plugin.onnx is already staged then
-    "parity_portable": "parity: ort_portable",
-    "parity_plugin": "parity: ort_plugin",
-    "bench_portable": "benchmark: ort_portable",
-    "bench_plugin": "benchmark: ort_plugin",
-    "report": None,
-}
-IN_KERNEL = ("parity_plugin", "bench_plugin")
+PHASES = ("load", "export", "parity_portable", "parity_plugin", "bench_portable", "bench_plugin", "report")
+STEP_TITLES = {"load": "loading ", "export": "lowering"}  # model.plugin.onnx is already staged at "lowering"
+#: phase -> (the backend it runs, where it runs it)
+BACKEND_PHASES = {"parity_portable": ("ort_portable", "parity"), "parity_plugin": ("ort_plugin", "parity"),
+                  "bench_portable": ("ort_portable", "bench"), "bench_plugin": ("ort_plugin", "bench")}
 
 
 def pause(phase: str) -> None:
@@ -43,18 +40,39 @@ def pause(phase: str) -> None:
 
 def main(phase: str, args: list[str]) -> int:
     state = {"armed": False, "done": False}
-    step_of = progress.Progress.step
+    backend, where = BACKEND_PHASES.get(phase, (None, None))
+
+    def reached():
+        if state["done"]:
+            return
+        if phase.endswith("_plugin"):
+            state["armed"] = True  # pause at the next kernel call
+        else:
+            state["done"] = True
+            pause(phase)
+
+    step_of = Console.step
 
     @contextmanager
     def step(self, title):
         with step_of(self, title):
-            if STEPS[phase] and title.startswith(STEPS[phase]) and not state["done"]:
-                if phase in IN_KERNEL:
-                    state["armed"] = True
-                else:
-                    state["done"] = True
-                    pause(phase)
+            if phase in STEP_TITLES and title.startswith(STEP_TITLES[phase]):
+                reached()
             yield self
+
+    check_backend = common.check_backend
+
+    def checked(runner, *a, **k):
+        if where == "parity" and runner.name == backend:
+            reached()
+        return check_backend(runner, *a, **k)
+
+    time_runners = bench.time_runners
+
+    def timed(runners, *a, **k):
+        if where == "bench" and backend in runners:
+            reached()
+        return time_runners(runners, *a, **k)
 
     kernel = ort_custom_op._kernel
 
@@ -64,7 +82,7 @@ def main(phase: str, args: list[str]) -> int:
             pause(phase)
         return kernel(*a, **k)
 
-    render = pipeline.render_markdown
+    render = markdown.render_markdown
 
     def paused_render(report):
         if phase == "report":
@@ -79,11 +97,14 @@ def main(phase: str, args: list[str]) -> int:
         return create(name, *a, **({**k, "depth": 2} if name == "test_vit" else k))
 
     timm.create_model = two_blocks
-    progress.Progress.step = step
+    Console.step = step
+    common.check_backend = checked
+    bench.time_runners = timed
     ort_custom_op._kernel = paused_kernel  # read when the kernel is registered, at the first session
-    pipeline.render_markdown = paused_render
+    markdown.render_markdown = paused_render
     return cli.main(args)
 
 
 if __name__ == "__main__":
+    assert sys.argv[1] in PHASES, sys.argv[1]
     sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -12,7 +12,7 @@ import pytest
 
 from atm_export.cli import main
 
-# The core fields need no export: these runs skip ONNX (tests/test_check.py runs everything).
+# The core fields need no export: these runs skip ONNX (tests/jobs/test_check.py runs everything).
 BASE = ["deit_t", "--random-init", "--quiet", "--no-onnx", "--no-benchmark"]
 
 
@@ -26,14 +26,15 @@ def test_report_has_the_core_fields(tmp_path, capsys):
     code, out, _ = run_cli([*BASE, "--preset", "lossless", "-o", str(tmp_path / "o")], capsys)
     assert code == 0, out
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    for key in ("model", "timm_name", "preset", "params", "weights", "gflops", "tokens_per_layer"):
+    for key in ("schema_version", "status", "model", "settings", "weights", "flops", "tokens"):
         assert key in report
-    assert report["model"] == "deit_t" and report["timm_name"] == "deit_tiny_patch16_224"
-    assert report["params"]["alpha"] == 0.995 and len(report["params"]["thresholds"]) == 12
-    assert report["weights"]["source"] == "random" and "RANDOM WEIGHTS" in report["warning"]
-    assert report["gflops"]["baseline"] == pytest.approx(1.2556, abs=1e-4)
-    assert report["gflops"]["atm"] < report["gflops"]["baseline"]
-    assert len(report["tokens_per_layer"]) == 12 and report["tokens_per_layer"][0] == 197
+    assert report["model"]["name"] == "deit_t" and report["model"]["timm_name"] == "deit_tiny_patch16_224"
+    params = report["settings"]["params"]
+    assert params["alpha"] == 0.995 and len(params["thresholds"]) == 12
+    assert report["weights"]["source"] == "random" and "RANDOM WEIGHTS" in report["warnings"][0]
+    assert report["flops"]["baseline"] == pytest.approx(1.2556, abs=1e-4)
+    assert report["flops"]["atm"] < report["flops"]["baseline"]
+    assert len(report["tokens"]["mean"]) == 12 and report["tokens"]["mean"][0] == 197
     assert "RANDOM WEIGHTS" in (tmp_path / "o" / "report.md").read_text()
     leftovers = [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
     assert leftovers == [], "no staging directory is left behind"
@@ -50,8 +51,58 @@ def test_user_images_and_explicit_settings(tmp_path, capsys):
                             "-o", str(tmp_path / "o")], capsys)
     assert code == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["images"]["count"] == 3 and report["preset"] is None
-    assert report["tokens_per_layer"][:3] == [197, 193, 189]
+    assert report["images"]["count"] == 3 and report["settings"]["preset"] is None
+    assert report["tokens"]["mean"][:3] == [197, 193, 189]
+
+
+def _report_settings(out_dir):
+    """The report's settings section: preset, preset source, overrides, params."""
+    report = json.loads((out_dir / "report.json").read_text())
+    return report["settings"]
+
+
+@pytest.mark.parametrize("args, params, overrides", [
+    (["--alpha", "0.985"], {"alpha": 0.985, "beta": 0.025, "theta_min": 0.895, "split_layer": 9}, {"alpha": 0.985}),
+    (["--split-layer", "6"], {"alpha": 0.995, "beta": 0.025, "theta_min": 0.895, "split_layer": 6}, {"split_layer": 6}),
+    (["--preset", "fast", "--beta", "0.01"], {"alpha": 0.975, "beta": 0.01, "theta_min": 0.86}, {"beta": 0.01}),
+])
+def test_a_setting_overrides_one_field_of_the_preset(args, params, overrides, tmp_path, capsys):
+    """Without --preset, a setting changes the lossless preset (deit_t: 0.995, 0.025, 0.895)."""
+    code, out, err = run_cli([*BASE, *args, "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    settings = _report_settings(tmp_path / "o")
+    assert settings["preset"] == ("fast" if "fast" in args else "lossless")
+    assert {k: settings["params"][k] for k in params} == params
+    assert settings["overrides"] == overrides
+    assert f"overrides: {', '.join(f'{k} = {v}' for k, v in overrides.items())}" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_tome_records_no_preset(tmp_path, capsys):
+    code, _, err = run_cli([*BASE, "--policy", "tome", "--r", "8", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    settings = _report_settings(tmp_path / "o")
+    assert settings["preset"] is None and settings["params"]["policy"] == "tome" and settings["params"]["r"] == [8]
+    if "overrides" in settings:
+        assert settings["overrides"] == {"policy": "tome", "r": [8]}
+
+
+def test_only_a_word_that_is_no_model_gets_the_command_hint(monkeypatch, capsys):
+    """A model name close to a subcommand's name still goes to export; looking it up happens
+    only for words close to a subcommand."""
+    from atm_export import cli, registry
+
+    exported, looked_up = [], []
+    find_model = registry.find_model
+    monkeypatch.setattr(registry, "find_model", lambda name: looked_up.append(name) or find_model(name))
+    monkeypatch.setattr(cli.export_cmd, "callback", lambda model, **kw: exported.append(model))
+    monkeypatch.setitem(cli.cli.commands, "deit_sx", cli.models_cmd)  # a command named like a model
+    assert run_cli(["deit_s", "--random-init"], capsys)[0] == 0
+    assert exported == ["deit_s"] and looked_up == ["deit_s"]
+    code, _, err = run_cli(["deit_sy"], capsys)
+    assert code == 2 and "did you mean 'deit_sx'?" in err
+    looked_up.clear()
+    assert run_cli(["models"], capsys)[0] == 0 and run_cli(["vit_t", "-q"], capsys)[0] == 0
+    assert looked_up == []  # exact subcommands and words far from them: no lookup here
 
 
 def test_existing_artifacts_need_force(tmp_path, capsys):
@@ -74,7 +125,7 @@ def _not_writable_dir(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["deit_sm", "--random-init"], "did you mean deit_s"),
-    (["resnet18", "--random-init", "--alpha", "0.9"], "not a supported ViT"),
+    (["resnet18", "--random-init", "--alpha", "0.9", "--beta", "0.04", "--theta-min", "0.88"], "not a supported ViT"),
     (["deit_t", "--random-init", "--preset", "turbo"], "has no preset 'turbo'"),
     (["deit_t", "--random-init", "--alpha", "1.5"], "alpha must be a similarity threshold in [0, 1]"),
     (["deit_t", "--random-init", "--theta-min", "-0.2"], "theta_min must be"),
@@ -85,11 +136,23 @@ def _not_writable_dir(tmp_path):
     (["deit_t", "--weights", "/nonexistent.pth"], "weights file not found"),
     (["deit_t", "--weights", "/nonexistent.pth", "--random-init"], "not both"),
     (["vit_base_patch16_384", "--random-init"], "has no presets"),
+    (["vit_base_patch16_384", "--random-init", "--alpha", "0.9"], "give --beta, --theta-min too"),
+    (["deit_t", "--random-init", "--r", "8"], "--r (a fixed merge count per block) needs --policy tome"),
+    (["deit_t", "--random-init", "--policy", "atm", "--r", "8"], "needs --policy tome"),
+    (["deit_t", "--random-init", "--policy", "tome", "--r", "8", "--alpha", "0.9"], "--alpha is an ATM threshold"),
+    (["deit_t", "--random-init", "--policy", "none", "--theta-min", "0.9"], "which --policy none would ignore"),
+    (["deit_t", "--random-init", "--policy", "tome"], "--policy tome needs --r"),
+    (["deit_t", "--random-init", "--preset", "fast", "--policy", "tome", "--r", "8"], "drop --preset fast"),
+    (["deit_t", "--random-init", "--split-layer", "13"], "split_layer must be in [0, 12], got 13"),
+    (["chek", "/tmp/x"], "unknown command 'chek'; did you mean 'check'?"),
+    (["modles"], "unknown command 'modles'; did you mean 'models'?"),
     (["deit_t", "--random-init", "--opset", "13"], "--opset 13 is too old"),
     (["deit_t", "--random-init", "--policy", "atm-per-image"], "atm-per-image"),
     (["deit_t", "--random-init", "--bench-batches", "0"], "batch sizes of at least 1"),
     (["deit_t", "--random-init", "--bench-schedule", "gflops:x"], "expected gflops:<number>"),
     (["deit_t", "--random-init", "--atol", "-1"], "--atol"),
+    (["deit_t", "--random-init", "--visualize", "--visualize-blocks", "12"], "[12]: those blocks do not merge"),
+    (["deit_t", "--random-init", "--visualize", "--policy", "none"], "merge in no block"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code, _, err = run_cli([*args, "-q", "-o", str(tmp_path / "o")], capsys)
@@ -132,7 +195,7 @@ def test_non_finite_pixels_after_preprocessing_are_refused_by_name(tmp_path):
 
     from atm_export.errors import UserError
     from atm_export.images import builtin_images
-    from atm_export.pipeline import sample_batch
+    from atm_export.jobs.common import sample_batch
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -174,3 +237,15 @@ def test_build_plugin_without_tensorrt_names_the_fix(capsys):
         pytest.skip("TensorRT is installed here: the plugin would build")
     code, _, err = run_cli(["build-plugin"], capsys)
     assert code == 2 and "TENSORRT_ROOT" in err and len(err.strip().splitlines()) == 1
+
+
+def test_visualize_draws_merge_maps_after_the_chosen_blocks(tmp_path, capsys):
+    from PIL import Image
+
+    code, _, err = run_cli([*BASE, "--visualize", "--visualize-blocks", "2,9", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["pictures"] == ["tokens.png", "merge_maps.png"]
+    with Image.open(tmp_path / "o" / "merge_maps.png") as img:
+        assert img.width > 300 and img.height > 8 * 100  # a row per sample image
+    assert "![Merge maps](merge_maps.png)" in (tmp_path / "o" / "report.md").read_text()

@@ -39,11 +39,9 @@ def test_counts_match_torch_flop_counter_on_a_merged_run(key, tiny_models, flat_
     """Our analytic count from the token counts equals what PyTorch counts while the model runs."""
     vit = tiny_models[key]
     atm = patch_model(vit, MergeConfig(alpha=0.99, beta=0.04, theta_min=0.88))
-    atm._fused = lambda attn: False  # the counter has formulas for matmuls, not for every SDPA kernel
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        atm(flat_images[:2])
-    stats = atm.last_stats
+    with counter, torch.no_grad():  # explicit attention: the counter has formulas for matmuls, not every SDPA kernel
+        _, stats = atm.run(flat_images[:2], explicit_attention=True)
     assert stats.tokens_per_layer[-1] < stats.tokens_per_layer[0], "the run should merge"
     counted_macs = counter.get_total_flops() / 2 / 2  # FLOPs -> MACs, per image
     ours = run_gflops(atm, stats) * 1e9 - _layernorm_macs(atm, stats)

@@ -5,9 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from atm_export.backends import Outputs
 from atm_export.parity import FAILED, INCONCLUSIVE, PASSED, Reference, Tolerance, check_backend, compare
 
 LOGITS = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+
+
+class FakeRunner:
+    """Stands for an active runner that always returns the same outputs."""
+
+    def __init__(self, logits, tokens):
+        self.outputs = Outputs(logits, tokens)
+
+    def run(self, images):
+        return self.outputs
 
 
 def reference(margins=None, tie_gaps=None) -> Reference:
@@ -15,7 +26,7 @@ def reference(margins=None, tie_gaps=None) -> Reference:
     return Reference(
         images=np.zeros((3, 3, 8, 8), np.float32), logits=LOGITS, tokens=[197, 150, 120, 100],
         margins=margins or [0.01, 0.02, 0.03, None], tie_gaps=tie_gaps or [0.01, 0.02, 0.03, None],
-        thresholds=[0.99, 0.97, 0.95, None][:depth], steps=[],
+        thresholds=[0.99, 0.97, 0.95, None][:depth], steps=[], stats=None,
     )
 
 
@@ -112,7 +123,7 @@ def test_fp16_tolerances_are_wider():
 
 def test_summary_and_strict_mode():
     refs = [reference(tie_gaps=[2e-7, 0.02, 0.03, None])]
-    backend = lambda images: (LOGITS + 0.1, [197, 150, 120, 100])  # noqa: E731
+    backend = FakeRunner(LOGITS + 0.1, [197, 150, 120, 100])
     loose = check_backend(backend, refs)
     assert loose["status"] == INCONCLUSIVE and not loose["passed"] and not loose["fails_run"]
     assert loose["tolerance"]["atol"] == 1e-5 and loose["tolerance"]["rtol"] == 1e-4
@@ -121,7 +132,7 @@ def test_summary_and_strict_mode():
 
 def test_extra_checks_settle_or_fail():
     refs = [reference(tie_gaps=[2e-7, 0.02, 0.03, None])]
-    backend = lambda images: (LOGITS + 0.1, [197, 150, 120, 100])  # noqa: E731
+    backend = FakeRunner(LOGITS + 0.1, [197, 150, 120, 100])
     settled = check_backend(backend, refs, extra_checks={"replay": lambda ref: {"status": PASSED}})
     assert settled["status"] == PASSED and settled["settled_batches"] == ["3"] and "Settled by replay" in settled["notes"][0]
     broken = check_backend(backend, refs, extra_checks={"replay": lambda ref: {"status": FAILED, "note": "x"}})

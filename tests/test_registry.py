@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from atm_export.errors import UserError
-from atm_export.registry import load_registry, resolve_model
+from atm_export.errors import SettingsError, UserError
+from atm_export.registry import find_model, load_registry, registered_model, resolve_model
 
 PAPER_MODELS = ["deit_t", "deit_s", "deit_b", "mae_b"]
 
@@ -48,3 +48,18 @@ def test_names_resolve():
 def test_unknown_name_suggests_close_names():
     with pytest.raises(UserError, match="did you mean deit_s"):
         resolve_model("deit_sm")
+
+
+def test_find_model_is_none_for_names_that_are_no_model():
+    assert find_model("chek") is None
+    assert find_model("deit_s").short_name == "deit_s"
+    assert find_model("vit_base_patch16_224.mae").short_name == "mae_b"
+    assert find_model("vit_base_patch16_384").presets == {}
+    assert registered_model("vit_base_patch16_384") is None  # timm knows it; the registry does not
+
+
+def test_preset_lookup_errors_are_settings_errors():
+    with pytest.raises(SettingsError, match="deit_t has no preset 'turbo'; its presets: lossless, balanced, fast"):
+        load_registry()["deit_t"].preset("turbo")
+    with pytest.raises(SettingsError, match="has no presets; give the settings instead"):
+        resolve_model("vit_base_patch16_384").preset("lossless")

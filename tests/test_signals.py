@@ -75,7 +75,7 @@ def test_a_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "removed 1 staging directory left in" in done.stderr
     assert not list(out.glob(STAGING_PREFIX + "*"))
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "tokens.png"}
 
 
 def test_only_the_staging_of_dead_runs_is_removed(tmp_path):

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..ops import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from .. import contract
 from ..signals import deferred
+from .base import INPUT_NAME, Runner
 
-INPUT_NAME = "images"
 _loaded_plugins: set[str] = set()
 
 
@@ -65,9 +65,9 @@ def load_plugin(library: str | Path | None = None) -> Path:
                             "TensorRT or CUDA version: rebuild it with `atm-export build-plugin`") from None
         _loaded_plugins.add(key)
     registry = trt.get_plugin_registry()
-    creator = registry.get_creator(ONNX_OP, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    creator = registry.get_creator(contract.OP_TYPE, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE)
     if creator is None:
-        raise UserError(f"{path} loaded but registered no {PLUGIN_NAMESPACE}::{ONNX_OP} v{PLUGIN_VERSION} plugin "
+        raise UserError(f"{path} loaded but registered no {contract.PLUGIN_NAMESPACE}::{contract.OP_TYPE} v{contract.PLUGIN_VERSION} plugin "
                         f"(built against another TensorRT?); rebuild it with `atm-export build-plugin`")
     return path
 
@@ -76,7 +76,7 @@ def has_token_merge_nodes(onnx_path: str | Path) -> bool:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN for n in model.graph.node)
+    return any(contract.is_token_merge(n) for n in model.graph.node)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | N
 
     if needs_plugin:
         if not has_token_merge_nodes(onnx_path):
-            raise UserError(f"{onnx_path} has no {ONNX_OP} nodes: build the engine from model.plugin.onnx "
+            raise UserError(f"{onnx_path} has no {contract.OP_TYPE} nodes: build the engine from model.plugin.onnx "
                             "(model.onnx is the plugin-free flavour and needs no plugin)")
         load_plugin(plugin)
     logger = _logger()
@@ -160,42 +160,56 @@ def _make_output_allocator():
     return TorchOutputAllocator()
 
 
-class EngineRunner:
-    """Runs a serialized engine: ``run(images) -> (logits, tokens_per_layer)``."""
+class EngineRunner(Runner):
+    """A serialized TensorRT engine as a runner (every output through an output allocator).
 
-    def __init__(self, engine: bytes, plugin: str | Path | None = None, built_on: dict | None = None,
-                 needs_plugin: bool = True):
+    plugin: the TokenMerge plugin library to load first (None: the one `atm-export build-plugin`
+    built), or needs_plugin=False for a plugin-free engine; built_on: the GPU and TensorRT
+    version that built it, for the error message when this machine cannot load it.
+    """
+
+    def __init__(self, engine: bytes, name: str, *, plugin: str | Path | None = None, needs_plugin: bool = True,
+                 built_on: dict | None = None):
+        super().__init__(name=name)
+        self.engine_bytes, self.plugin, self.needs_plugin, self.built_on = engine, plugin, needs_plugin, built_on
+
+    def activate_impl(self):
         import tensorrt as trt
         import torch
 
-        if needs_plugin:
-            load_plugin(plugin)
+        if self.needs_plugin:
+            load_plugin(self.plugin)
         self.runtime = trt.Runtime(_logger())
-        self.engine = self.runtime.deserialize_cuda_engine(engine)
+        self.engine = self.runtime.deserialize_cuda_engine(self.engine_bytes)
         if self.engine is None:
-            where = f" (built on {built_on['gpu']} with TensorRT {built_on['tensorrt']})" if built_on else ""
+            where = f" (built on {self.built_on['gpu']} with TensorRT {self.built_on['tensorrt']})" if self.built_on else ""
             raise UserError(f"TensorRT cannot load this engine{where} on {torch.cuda.get_device_name()} with "
                             f"TensorRT {trt.__version__}: engines are tied to the GPU and TensorRT version that "
                             "built them; rebuild it here by re-running atm-export")
         self.context = self.engine.create_execution_context()
         self.allocator = _make_output_allocator()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         for name in self.outputs:
             self.context.set_output_allocator(name, self.allocator)
         low, _, high = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
         self.batch_range = (low[0], high[0])
         self.stream = torch.cuda.Stream()
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, list[int] | None]:
+    def infer_impl(self, feed_dict):
+        import time
+        from collections import OrderedDict
+
         import tensorrt as trt
         import torch
 
+        images = feed_dict[INPUT_NAME]
         low, high = self.batch_range
         if not low <= images.shape[0] <= high:
             raise UserError(f"batch {images.shape[0]} is outside the engine's optimization profile ({low}..{high}); "
-                            "rebuild the engine with a wider range (--trt-max-batch)")
-        device_images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
+                            "rebuild the engine with a wider range")
+        start = time.perf_counter()
+        device_images = torch.from_numpy(images).cuda()
         self.context.set_input_shape(INPUT_NAME, tuple(device_images.shape))
         self.context.set_tensor_address(INPUT_NAME, device_images.data_ptr())
         with deferred():  # TensorRT calls the output allocator (Python) from C++ during execution
@@ -203,48 +217,28 @@ class EngineRunner:
             self.stream.synchronize()
         if not ok:
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        results = {}
+        results = OrderedDict()
         for name in self.outputs:
             shape = self.allocator.shapes[name]
             dtype = trt.nptype(self.engine.get_tensor_dtype(name))
             count = int(np.prod(shape)) if shape else 1
             raw = self.allocator.buffers[name][: count * np.dtype(dtype).itemsize].cpu().numpy()
             results[name] = raw.view(dtype).reshape(shape)
-        tokens = results.get("tokens_per_layer")
-        return results["logits"].astype(np.float32), None if tokens is None else tokens.astype(np.int64).tolist()
+        self.inference_time = time.perf_counter() - start
+        return results
+
+    def deactivate_impl(self):
+        del self.context, self.engine, self.runtime, self.allocator, self.stream
 
 
-def job_engine_spec(job) -> EngineSpec:
-    """The optimization profile that covers every batch size the job runs."""
-    batches = [job.batch.shape[0], *job.opts.parity_batches, *(job.opts.bench_batches if job.opts.benchmark else ())]
-    return EngineSpec(min_batch=1, opt_batch=job.batch.shape[0], max_batch=max(batches), precision=job.opts.trt_precision)
-
-
-def model_runner(model, spec: EngineSpec, plugin: str | Path | None = None):
-    """Build an engine from an in-memory ONNX model (plugin or not) and return its ``run``."""
+def build_engine_from_model(model, spec: EngineSpec, plugin: str | Path | None = None) -> bytes:
+    """Build an engine from an in-memory ONNX model (with TokenMerge nodes or without)."""
     import tempfile
 
     import onnx
 
-    needs_plugin = any(n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN for n in model.graph.node)
+    needs_plugin = any(contract.is_token_merge(n) for n in model.graph.node)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save(model, str(path))
-        engine = build_engine(path, spec, plugin, needs_plugin=needs_plugin)
-    return EngineRunner(engine, plugin, needs_plugin=needs_plugin).run
-
-
-def engine_backend(job, writer, skipped: dict):
-    """Build ``model.engine`` for the job (staged with its other artifacts) and return its runner."""
-    from ..progress import Progress
-
-    spec = job_engine_spec(job)
-    progress = getattr(job, "progress", None) or Progress(enabled=False)
-    with progress.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
-        engine = build_engine(writer.path("model.plugin.onnx"), spec, job.opts.trt_plugin)
-        writer.path("model.engine").write_bytes(engine)
-    job.report["tensorrt"] = {**device_info(), "precision": spec.precision,
-                              "profile": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
-                              "plugin_library": str(load_plugin(job.opts.trt_plugin))}
-    return EngineRunner(engine, job.opts.trt_plugin).run
-
+        return build_engine(path, spec, plugin, needs_plugin=needs_plugin)

@@ -18,8 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..ops import (ONNX_DOMAIN, ONNX_OP, OP_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION, SPLIT_NAMES,
-                   merge_node_name, step_attributes)
+from .. import contract
 from ..schedule import StepSpec
 from .lowering import lower_model
 
@@ -29,27 +28,27 @@ def expected_merge_nodes(steps: list[StepSpec | None], num_protected: int) -> di
     expected = {}
     for block, step in enumerate(steps, start=1):
         if step is not None:
-            attrs = step_attributes(step, num_protected)
+            attrs = contract.Attributes.for_step(step, num_protected).onnx()
             attrs["threshold"] = float(np.float32(attrs["threshold"]))  # as ONNX stores it
-            expected[merge_node_name(block)] = {**attrs, "plugin_version": PLUGIN_VERSION,
-                                                "plugin_namespace": PLUGIN_NAMESPACE}
+            del attrs["opt_num_tokens"]  # TensorRT's tuning value: any value is right
+            expected[contract.node_name(block)] = attrs
     return expected
 
 
 def _describe(name: str, value) -> str:
-    if name == "split_mode" and value in SPLIT_NAMES:
-        return f"{value} ({SPLIT_NAMES[value]})"
+    if name == "split_mode" and value in contract.SPLIT_NAMES:
+        return f"{value} ({contract.SPLIT_NAMES[value]})"
     return f"{value:.6g}" if isinstance(value, float) else repr(value)
 
 
 def merge_node_differences(plugin: onnx.ModelProto, steps: list[StepSpec | None], num_protected: int) -> list[str]:
     """Every way the plugin flavour's TokenMerge nodes differ from the merge settings ([] if none)."""
-    versions = [o.version for o in plugin.opset_import if o.domain == ONNX_DOMAIN]
-    if versions != [OP_VERSION]:
-        return [f"the graph uses {ONNX_DOMAIN} opset {versions or 'none'}, this atm-export writes {OP_VERSION} "
+    versions = [o.version for o in plugin.opset_import if o.domain == contract.DOMAIN]
+    if versions != [contract.VERSION]:
+        return [f"the graph uses {contract.DOMAIN} opset {versions or 'none'}, this atm-export writes {contract.VERSION} "
                 "(another TokenMerge contract): re-export it"]
     expected = expected_merge_nodes(steps, num_protected)
-    nodes = [n for n in plugin.graph.node if n.op_type == ONNX_OP and n.domain == ONNX_DOMAIN]
+    nodes = [n for n in plugin.graph.node if contract.is_token_merge(n)]
     names = [n.name for n in nodes]
     if names != list(expected):
         return [f"TokenMerge nodes {names} where the settings merge in {list(expected)}"]

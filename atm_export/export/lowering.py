@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import contract
 from ..merge import alternate_starts
-from ..ops import ONNX_DOMAIN, ONNX_OP
 
 #: Below every clamped similarity: the sentinel "no partner" column.
 NO_PARTNER = -2.0
@@ -65,11 +65,9 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
     token positions, as in atm_export.merge.Choices), so that checks can run one step of a
     lowered graph alone and compare its choices with eager's.
     """
-    a = _attrs(node)
-    threshold = float(a.get("threshold", 1.0))
-    fixed_r = int(a.get("fixed_r", -1))
-    size_mode = int(a.get("split_mode", 0)) == 1
-    p = int(a.get("num_protected", 1))
+    a = contract.Attributes.from_values(_attrs(node))
+    threshold, fixed_r, p = a.threshold, a.fixed_r, a.num_protected
+    size_mode = a.split == "size"
     x, size, metric = node.input
     x_out, size_out, num_tokens = node.output
     g = _Builder(node.name or "TokenMerge")
@@ -190,7 +188,7 @@ def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = lowered.graph
     new_nodes = []
     for node in graph.node:
-        if node.domain == ONNX_DOMAIN and node.op_type == ONNX_OP:
+        if contract.is_token_merge(node):
             nodes, inits = lower_token_merge(node)
             new_nodes.extend(nodes)
             graph.initializer.extend(inits)
@@ -198,7 +196,7 @@ def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [o for o in lowered.opset_import if o.domain != ONNX_DOMAIN]
+    kept = [o for o in lowered.opset_import if o.domain != contract.DOMAIN]
     del lowered.opset_import[:]
     lowered.opset_import.extend(kept)
     return lowered

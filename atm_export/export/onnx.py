@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import contextmanager
 
 import onnx
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
-from ..ops import ONNX_DOMAIN, ONNX_OP, OP_VERSION, merge_node_block, merge_node_name, onnx_translation, register_onnx_schema
+from .. import contract
+from ..ops import onnx_translation, register_onnx_schema
 from ..patch import ATMVisionTransformer
 from .lowering import MIN_OPSET, lower_model
 
@@ -34,23 +34,14 @@ MAX_BATCH = 4096
 
 
 class _ExportView(nn.Module):
-    """``forward`` = the patched model's custom-op forward, for torch.export."""
+    """``forward`` = the patched model's custom-op forward with explicit attention, for torch.export."""
 
     def __init__(self, atm: ATMVisionTransformer):
         super().__init__()
         self.atm = atm
 
     def forward(self, images: torch.Tensor):
-        return self.atm.forward_export(images)
-
-
-@contextmanager
-def _exporting(atm: ATMVisionTransformer):
-    atm.exporting = True
-    try:
-        yield
-    finally:
-        atm.exporting = False
+        return self.atm.forward_export(images, explicit_attention=True)
 
 
 def check_opset(opset: int) -> int:
@@ -108,18 +99,17 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
     """
     check_opset(opset)
     register_onnx_schema()
-    with _exporting(atm):
-        model = _torch_export(_ExportView(atm).eval(), example, opset, OUTPUT_NAMES,
-                              custom_translation_table=onnx_translation())
+    model = _torch_export(_ExportView(atm).eval(), example, opset, OUTPUT_NAMES,
+                          custom_translation_table=onnx_translation())
     merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
-    for node, block in zip([n for n in model.graph.node if n.op_type == ONNX_OP], merge_blocks):
-        node.name = merge_node_name(block)
+    for node, block in zip([n for n in model.graph.node if contract.is_token_merge(n)], merge_blocks):
+        node.name = contract.node_name(block)
         if typical_tokens:
             set_int_attribute(node, "opt_num_tokens", max(1, round(typical_tokens[block - 1])))
     _cast_counts_to_int64(model)
     model.graph.name = "atm_vit"
     model.doc_string = "ATM-merged ViT exported by atm-export; see docs/token-merge-op.md"
-    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin", token_merge_version=OP_VERSION)
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin", token_merge_version=contract.VERSION)
     return model
 
 
@@ -133,7 +123,7 @@ def _cast_counts_to_int64(model: onnx.ModelProto) -> None:
     nodes = []
     for node in model.graph.node:
         nodes.append(node)
-        if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
+        if contract.is_token_merge(node):
             count = node.output[2]
             node.output[2] = f"{node.name}_count"
             nodes.append(onnx.helper.make_node("Cast", [node.output[2]], [count], name=f"{node.name}_count_int64",
@@ -168,7 +158,7 @@ def check_model(model: onnx.ModelProto, flavour: str) -> None:
     register_onnx_schema()
     onnx.checker.check_model(model, full_check=True)
     customs = set(custom_nodes(model))
-    if flavour == "plugin" and customs - {(ONNX_DOMAIN, ONNX_OP)}:
+    if flavour == "plugin" and customs - {(contract.DOMAIN, contract.OP_TYPE)}:
         raise ValueError(f"plugin flavour has custom nodes other than TokenMerge: {sorted(customs)}")
     if flavour in ("portable", "baseline") and customs:
         raise ValueError(f"{flavour} flavour must hold standard ops only, found {sorted(customs)}")
@@ -179,8 +169,8 @@ def with_fixed_schedule(plugin_model: onnx.ModelProto, r_per_block: list[int]) -
     replay = onnx.ModelProto()
     replay.CopyFrom(plugin_model)
     for node in replay.graph.node:
-        if node.op_type == ONNX_OP and node.domain == ONNX_DOMAIN:
-            set_int_attribute(node, "fixed_r", int(r_per_block[merge_node_block(node.name) - 1]))
+        if contract.is_token_merge(node):
+            set_int_attribute(node, "fixed_r", int(r_per_block[contract.node_block(node.name) - 1]))
     return replay
 
 

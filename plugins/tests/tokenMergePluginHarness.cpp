@@ -7,8 +7,9 @@
  *
  * This is not TensorRT and proves nothing about TensorRT's own behaviour (how it resolves size
  * tensors, allocates outputs or calls enqueue); it checks that our adapter does what it claims.
- * Exit status: the number of failed checks. Run by tests/test_plugin_adapter.py.
+ * Exit status: the number of failed checks. Run by tests/plugins/test_plugin_adapter.py.
  */
+#include "tokenMergeContract.h"
 #include "tokenMergeKernel.h"
 #include "tokenMergePlugin.h"
 
@@ -229,13 +230,13 @@ struct Fields
         , optNumTokens(opt)
     {
         // What the ONNX parser passes: float attributes as FLOAT32, int attributes as INT32.
-        list.emplace_back("threshold", &threshold, PluginFieldType::kFLOAT32, 1);
-        list.emplace_back("fixed_r", &fixedR, PluginFieldType::kINT32, 1);
-        list.emplace_back("split_mode", &splitMode, PluginFieldType::kINT32, 1);
-        list.emplace_back("num_protected", &numProtected, PluginFieldType::kINT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_THRESHOLD, &threshold, PluginFieldType::kFLOAT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_FIXED_R, &fixedR, PluginFieldType::kINT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_SPLIT_MODE, &splitMode, PluginFieldType::kINT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED, &numProtected, PluginFieldType::kINT32, 1);
         if (opt != -1)
         {
-            list.emplace_back("opt_num_tokens", &optNumTokens, PluginFieldType::kINT32, 1);
+            list.emplace_back(ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS, &optNumTokens, PluginFieldType::kINT32, 1);
         }
     }
     PluginFieldCollection collection() const
@@ -269,7 +270,7 @@ bool readFields(PluginFieldCollection const* fc, float* threshold, int32_t* fixe
     for (int32_t i = 0; i < fc->nbFields; ++i)
     {
         PluginField const& f = fc->fields[i];
-        if (std::strcmp(f.name, "threshold") == 0 && f.type == PluginFieldType::kFLOAT32)
+        if (std::strcmp(f.name, ATM_TOKEN_MERGE_ATTR_THRESHOLD) == 0 && f.type == PluginFieldType::kFLOAT32)
         {
             *threshold = *static_cast<float const*>(f.data);
             ++found;
@@ -277,17 +278,17 @@ bool readFields(PluginFieldCollection const* fc, float* threshold, int32_t* fixe
         else if (f.type == PluginFieldType::kINT32)
         {
             int32_t const v = *static_cast<int32_t const*>(f.data);
-            if (std::strcmp(f.name, "fixed_r") == 0)
+            if (std::strcmp(f.name, ATM_TOKEN_MERGE_ATTR_FIXED_R) == 0)
             {
                 *fixedR = v;
                 ++found;
             }
-            else if (std::strcmp(f.name, "split_mode") == 0)
+            else if (std::strcmp(f.name, ATM_TOKEN_MERGE_ATTR_SPLIT_MODE) == 0)
             {
                 *splitMode = v;
                 ++found;
             }
-            else if (std::strcmp(f.name, "num_protected") == 0)
+            else if (std::strcmp(f.name, ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED) == 0)
             {
                 *numProtected = v;
                 ++found;
@@ -312,17 +313,21 @@ IPluginCreatorV3One* creatorFromEntryPoint()
     check(std::strcmp(info.kind, "PLUGIN CREATOR_V3ONE") == 0 && info.major == 1,
         std::string("creator interface is PLUGIN CREATOR_V3ONE 1.x (got ") + info.kind + ")");
     auto* creator = static_cast<IPluginCreatorV3One*>(creators[0]);
-    check(std::strcmp(creator->getPluginName(), "TokenMerge") == 0, "creator name TokenMerge");
-    check(std::strcmp(creator->getPluginVersion(), "2") == 0, "creator version 2");
-    check(std::strcmp(creator->getPluginNamespace(), "atm_export") == 0, "creator namespace atm_export");
+    check(std::strcmp(creator->getPluginName(), ATM_TOKEN_MERGE_PLUGIN_NAME) == 0,
+        "creator name " ATM_TOKEN_MERGE_PLUGIN_NAME);
+    check(std::strcmp(creator->getPluginVersion(), ATM_TOKEN_MERGE_PLUGIN_VERSION) == 0,
+        "creator version " ATM_TOKEN_MERGE_PLUGIN_VERSION);
+    check(std::strcmp(creator->getPluginNamespace(), ATM_TOKEN_MERGE_PLUGIN_NAMESPACE) == 0,
+        "creator namespace " ATM_TOKEN_MERGE_PLUGIN_NAMESPACE);
     PluginFieldCollection const* names = creator->getFieldNames();
     bool namesOk = names != nullptr && names->nbFields == 5;
     for (int32_t i = 0; namesOk && i < names->nbFields; ++i)
     {
         std::string const n = names->fields[i].name;
         PluginFieldType const t = names->fields[i].type;
-        namesOk = (n == "threshold" && t == PluginFieldType::kFLOAT32)
-            || ((n == "fixed_r" || n == "split_mode" || n == "num_protected" || n == "opt_num_tokens")
+        namesOk = (n == ATM_TOKEN_MERGE_ATTR_THRESHOLD && t == PluginFieldType::kFLOAT32)
+            || ((n == ATM_TOKEN_MERGE_ATTR_FIXED_R || n == ATM_TOKEN_MERGE_ATTR_SPLIT_MODE
+                    || n == ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED || n == ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS)
                 && t == PluginFieldType::kINT32);
     }
     check(namesOk, "getFieldNames: threshold FLOAT32, fixed_r/split_mode/num_protected/opt_num_tokens INT32");
@@ -339,13 +344,17 @@ void checkCreation(IPluginCreatorV3One* creator, Finder& finder)
         float t = 0;
         int32_t r = 0, s = 0, p = 0;
         bool const read = readFields(runtimeOf(defaults.get())->getFieldsToSerialize(), &t, &r, &s, &p);
-        check(read && t == 1.0f && r == -1 && s == 0 && p == 1, "defaults: threshold 1, fixed_r -1, split 0, P 1");
+        check(read && t == ATM_TOKEN_MERGE_DEFAULT_THRESHOLD && r == ATM_TOKEN_MERGE_DEFAULT_FIXED_R
+                && s == ATM_TOKEN_MERGE_DEFAULT_SPLIT_MODE && p == ATM_TOKEN_MERGE_DEFAULT_NUM_PROTECTED,
+            "defaults: those of tokenMergeContract.h");
     }
 
     int32_t const unknownValue = 3;
-    char const version[] = "2";
-    std::vector<PluginField> extra{{"plugin_version", version, PluginFieldType::kCHAR, 2},
-        {"plugin_namespace", "atm_export", PluginFieldType::kCHAR, 11}};
+    char const version[] = ATM_TOKEN_MERGE_PLUGIN_VERSION;
+    char const pluginNamespace[] = ATM_TOKEN_MERGE_PLUGIN_NAMESPACE;
+    std::vector<PluginField> extra{
+        {ATM_TOKEN_MERGE_ATTR_PLUGIN_VERSION, version, PluginFieldType::kCHAR, sizeof(version)},
+        {ATM_TOKEN_MERGE_ATTR_PLUGIN_NAMESPACE, pluginNamespace, PluginFieldType::kCHAR, sizeof(pluginNamespace)}};
     PluginFieldCollection keys{2, extra.data()};
     std::unique_ptr<IPluginV3> withKeys(creator->createPlugin("node", &keys, TensorRTPhase::kBUILD));
     check(withKeys != nullptr, "plugin_version / plugin_namespace fields are accepted and ignored");
@@ -360,7 +369,7 @@ void checkCreation(IPluginCreatorV3One* creator, Finder& finder)
         "the rejection is logged through the logger finder: \"" + finder.logger.last + "\"");
 
     int32_t const badSplit = 2;
-    std::vector<PluginField> badMode{{"split_mode", &badSplit, PluginFieldType::kINT32, 1}};
+    std::vector<PluginField> badMode{{ATM_TOKEN_MERGE_ATTR_SPLIT_MODE, &badSplit, PluginFieldType::kINT32, 1}};
     PluginFieldCollection badModeFc{1, badMode.data()};
     std::unique_ptr<IPluginV3> rejectedMode(creator->createPlugin("node", &badModeFc, TensorRTPhase::kBUILD));
     check(rejectedMode == nullptr, "split_mode = 2 is rejected");
@@ -374,9 +383,9 @@ void checkInterfaces(IPluginV3* plugin)
     check(std::strcmp(buildOf(plugin)->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0, "build interface kind");
     check(std::strcmp(runtimeOf(plugin)->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
         "runtime interface kind");
-    check(std::strcmp(coreOf(plugin)->getPluginName(), "TokenMerge") == 0
-            && std::strcmp(coreOf(plugin)->getPluginVersion(), "2") == 0
-            && std::strcmp(coreOf(plugin)->getPluginNamespace(), "atm_export") == 0,
+    check(std::strcmp(coreOf(plugin)->getPluginName(), ATM_TOKEN_MERGE_PLUGIN_NAME) == 0
+            && std::strcmp(coreOf(plugin)->getPluginVersion(), ATM_TOKEN_MERGE_PLUGIN_VERSION) == 0
+            && std::strcmp(coreOf(plugin)->getPluginNamespace(), ATM_TOKEN_MERGE_PLUGIN_NAMESPACE) == 0,
         "plugin name / version / namespace match the creator");
     check(buildOf(plugin)->getNbOutputs() == 3, "3 outputs");
 }
@@ -571,7 +580,7 @@ void checkSerialization(IPluginCreatorV3One* creator)
         && t == 0.8125f && r == 12;
     check(attachedOk, "attachToContext() returns an independent copy");
     char const* meta = attached ? buildOf(attached.get())->getMetadataString() : nullptr;
-    check(meta != nullptr && std::string(meta).find("fixed_r=12") != std::string::npos,
+    check(meta != nullptr && std::string(meta).find(ATM_TOKEN_MERGE_ATTR_FIXED_R "=12") != std::string::npos,
         std::string("metadata string: ") + (meta ? meta : "(null)"));
 }
 
@@ -588,7 +597,7 @@ void checkEnqueueErrors(IPluginCreatorV3One* creator, Finder& finder)
     void* outputs[3] = {nullptr, nullptr, nullptr};
     finder.logger.last.clear();
     int32_t const rc = runtime->enqueue(in, out, inputs, outputs, nullptr, nullptr);
-    check(rc != 0 && finder.logger.last.find("num_protected") != std::string::npos,
+    check(rc != 0 && finder.logger.last.find(ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED) != std::string::npos,
         "enqueue refuses N = P = 1 without launching and logs why: \"" + finder.logger.last + "\"");
 
     // Without a GPU the launch itself fails: enqueue must report that, not crash. (With a GPU

@@ -15,11 +15,12 @@ namespace
 
 using atm::detail::fail;
 
-constexpr char const* kThreshold = "threshold";
-constexpr char const* kFixedR = "fixed_r";
-constexpr char const* kSplitMode = "split_mode";
-constexpr char const* kNumProtected = "num_protected";
-constexpr char const* kOptNumTokens = "opt_num_tokens";
+// Attribute names and defaults come from the op contract (tokenMergeContract.h).
+constexpr char const* kThreshold = ATM_TOKEN_MERGE_ATTR_THRESHOLD;
+constexpr char const* kFixedR = ATM_TOKEN_MERGE_ATTR_FIXED_R;
+constexpr char const* kSplitMode = ATM_TOKEN_MERGE_ATTR_SPLIT_MODE;
+constexpr char const* kNumProtected = ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED;
+constexpr char const* kOptNumTokens = ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS;
 
 bool isNamed(atm_plugin_field const& f, char const* name)
 {
@@ -76,7 +77,7 @@ int readThreshold(atm_plugin_field const& f, float* out)
         return ATM_STATUS_OK;
     }
     return fail(ATM_STATUS_INVALID_ARGUMENT,
-        "attribute threshold must be a float, got field type " + std::to_string(f.type));
+        "attribute " ATM_TOKEN_MERGE_ATTR_THRESHOLD " must be a float, got field type " + std::to_string(f.type));
 }
 
 int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
@@ -85,7 +86,7 @@ int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, "a plugin field has no name");
     }
-    if (isNamed(f, "plugin_version") || isNamed(f, "plugin_namespace"))
+    if (isNamed(f, ATM_TOKEN_MERGE_ATTR_PLUGIN_VERSION) || isNamed(f, ATM_TOKEN_MERGE_ATTR_PLUGIN_NAMESPACE))
     {
         return ATM_STATUS_OK; // lookup keys of the ONNX parser, not math
     }
@@ -94,7 +95,9 @@ int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
     if (!known)
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("unknown attribute ") + f.name
-                + " (expected threshold, fixed_r, split_mode, num_protected, opt_num_tokens)");
+                + " (expected " ATM_TOKEN_MERGE_ATTR_THRESHOLD ", " ATM_TOKEN_MERGE_ATTR_FIXED_R
+                  ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED
+                  ", " ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS ")");
     }
     if (f.data == nullptr || f.length < 1)
     {
@@ -168,11 +171,11 @@ struct IntAlgebra
 
 extern "C" void atm_token_merge_default_attributes(atm_token_merge_attributes* out)
 {
-    out->threshold = 1.0f;
-    out->fixed_r = -1;
-    out->split_mode = ATM_SPLIT_ALTERNATE;
-    out->num_protected = 1;
-    out->opt_num_tokens = -1;
+    out->threshold = ATM_TOKEN_MERGE_DEFAULT_THRESHOLD;
+    out->fixed_r = ATM_TOKEN_MERGE_DEFAULT_FIXED_R;
+    out->split_mode = ATM_TOKEN_MERGE_DEFAULT_SPLIT_MODE;
+    out->num_protected = ATM_TOKEN_MERGE_DEFAULT_NUM_PROTECTED;
+    out->opt_num_tokens = ATM_TOKEN_MERGE_DEFAULT_OPT_NUM_TOKENS;
 }
 
 extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes const* attrs)
@@ -184,7 +187,8 @@ extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes co
     if (attrs->split_mode != ATM_SPLIT_ALTERNATE && attrs->split_mode != ATM_SPLIT_SIZE)
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT,
-            "split_mode must be 0 (alternate) or 1 (size), got " + std::to_string(attrs->split_mode));
+            "split_mode must be " + std::to_string(ATM_SPLIT_ALTERNATE) + " (alternate) or "
+                + std::to_string(ATM_SPLIT_SIZE) + " (size), got " + std::to_string(attrs->split_mode));
     }
     if (attrs->num_protected < 0)
     {

@@ -7,6 +7,7 @@
 #ifndef ATM_TOKEN_MERGE_ATTRIBUTES_H
 #define ATM_TOKEN_MERGE_ATTRIBUTES_H
 
+#include "tokenMergeContract.h"
 #include "tokenMergeKernel.h"
 
 #include <stdint.h>
@@ -30,14 +31,14 @@ enum atm_field_type
 };
 
 /* The attributes of docs/token-merge-op.md: the four that change the math, and the output token
- * count TensorRT tunes for. */
+ * count TensorRT tunes for. Names and defaults: tokenMergeContract.h. */
 typedef struct atm_token_merge_attributes
 {
-    float threshold;        /* default 1.0 */
-    int32_t fixed_r;        /* default -1 (use the threshold) */
-    int32_t split_mode;     /* default 0 (alternate) */
-    int32_t num_protected;  /* default 1 */
-    int32_t opt_num_tokens; /* default -1 (unknown): the size tensor's auto-tuning value */
+    float threshold;        /* merge the pairs more similar than this (when fixed_r < 0) */
+    int32_t fixed_r;        /* >= 0: merge this many pairs; < 0: use the threshold */
+    int32_t split_mode;     /* atm_token_merge_split_mode */
+    int32_t num_protected;  /* leading tokens that are never merged */
+    int32_t opt_num_tokens; /* the size tensor's auto-tuning value (-1: unknown) */
 } atm_token_merge_attributes;
 
 /* One named value, as TensorRT's PluginField: `length` elements of `type` at `data`. */

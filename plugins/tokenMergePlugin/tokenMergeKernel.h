@@ -17,6 +17,8 @@
 #ifndef ATM_TOKEN_MERGE_KERNEL_H
 #define ATM_TOKEN_MERGE_KERNEL_H
 
+#include "tokenMergeContract.h"
+
 #include <cuda_runtime_api.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -39,11 +41,11 @@ enum atm_token_merge_dtype
     ATM_DTYPE_BFLOAT16 = 2
 };
 
-/* The split_mode attribute of the op. */
+/* The split_mode attribute of the op (codes from tokenMergeContract.h). */
 enum atm_token_merge_split_mode
 {
-    ATM_SPLIT_ALTERNATE = 0,
-    ATM_SPLIT_SIZE = 1
+    ATM_SPLIT_ALTERNATE = ATM_TOKEN_MERGE_SPLIT_ALTERNATE,
+    ATM_SPLIT_SIZE = ATM_TOKEN_MERGE_SPLIT_SIZE
 };
 
 /* Return values of every function below that returns int. */

@@ -3,6 +3,7 @@
  */
 #include "tokenMergePlugin.h"
 
+#include "tokenMergeContract.h"
 #include "tokenMergeKernel.h"
 
 #include <cuda_runtime_api.h>
@@ -138,9 +139,24 @@ std::string describe(atm_token_merge_attributes const& a)
 {
     std::ostringstream s;
     s.precision(9);
-    s << kPluginName << "(threshold=" << a.threshold << ", fixed_r=" << a.fixed_r << ", split_mode=" << a.split_mode
-      << ", num_protected=" << a.num_protected << ")";
+    s << kPluginName << "(" ATM_TOKEN_MERGE_ATTR_THRESHOLD "=" << a.threshold
+      << ", " ATM_TOKEN_MERGE_ATTR_FIXED_R "=" << a.fixed_r
+      << ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE "=" << a.split_mode
+      << ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED "=" << a.num_protected << ")";
     return s.str();
+}
+
+//! The plugin fields of the attributes, as the ONNX parser passes them (floats FLOAT32, ints
+//! INT32): pointing into `attrs`, or at nothing for the creator's list of names (attrs null).
+void appendAttributeFields(std::vector<PluginField>& fields, atm_token_merge_attributes* attrs)
+{
+    using Type = PluginFieldType;
+    bool const bound = attrs != nullptr;
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_THRESHOLD, bound ? &attrs->threshold : nullptr, Type::kFLOAT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_FIXED_R, bound ? &attrs->fixed_r : nullptr, Type::kINT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_SPLIT_MODE, bound ? &attrs->split_mode : nullptr, Type::kINT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED, bound ? &attrs->num_protected : nullptr, Type::kINT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS, bound ? &attrs->opt_num_tokens : nullptr, Type::kINT32, 1);
 }
 
 } // namespace
@@ -154,7 +170,7 @@ void logError(std::string const& message) noexcept
 {
     try
     {
-        std::string const text = std::string("[atm_export ") + kPluginName + "] " + message;
+        std::string const text = std::string("[") + kPluginNamespace + " " + kPluginName + "] " + message;
         nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
         nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
         if (logger != nullptr)
@@ -192,11 +208,7 @@ TokenMergePlugin::TokenMergePlugin(TokenMergePlugin const& other)
 void TokenMergePlugin::initFields()
 {
     mFields.clear();
-    mFields.emplace_back("threshold", &mAttrs.threshold, PluginFieldType::kFLOAT32, 1);
-    mFields.emplace_back("fixed_r", &mAttrs.fixed_r, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("split_mode", &mAttrs.split_mode, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("num_protected", &mAttrs.num_protected, PluginFieldType::kINT32, 1);
-    mFields.emplace_back("opt_num_tokens", &mAttrs.opt_num_tokens, PluginFieldType::kINT32, 1);
+    appendAttributeFields(mFields, &mAttrs);
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
     mDescription = describe(mAttrs);
@@ -441,11 +453,7 @@ PluginFieldCollection const* TokenMergePlugin::getFieldsToSerialize() noexcept
 TokenMergePluginCreator::TokenMergePluginCreator()
 {
     // The fields the ONNX parser copies from the node's attributes (missing ones keep defaults).
-    mFieldNames.emplace_back("threshold", nullptr, PluginFieldType::kFLOAT32, 1);
-    mFieldNames.emplace_back("fixed_r", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("split_mode", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("num_protected", nullptr, PluginFieldType::kINT32, 1);
-    mFieldNames.emplace_back("opt_num_tokens", nullptr, PluginFieldType::kINT32, 1);
+    appendAttributeFields(mFieldNames, nullptr);
     mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
     mFieldCollection.fields = mFieldNames.data();
 }

@@ -1,8 +1,9 @@
 /*
  * TensorRT IPluginV3 adapter for the TokenMerge op (docs/token-merge-op.md).
  *
- * Plugin name "TokenMerge", version "2", namespace "atm_export": the keys the ONNX parser looks
- * up for a node of op_type TokenMerge with plugin_version = "2", plugin_namespace = "atm_export".
+ * Plugin name "TokenMerge", version "2", namespace "atm_export" (tokenMergeContract.h): the keys the
+ * ONNX parser looks up for a node of op_type TokenMerge with plugin_version = "2", plugin_namespace =
+ * "atm_export".
  * Version 2 follows ToMe's split and cap (A = even positions, r <= floor((N - P) / 2)); version 1
  * split right after the protected tokens and capped r by ceil((N - P) / 2): other results, hence
  * another version.
@@ -18,6 +19,7 @@
 #define ATM_TOKEN_MERGE_PLUGIN_H
 
 #include "tokenMergeAttributes.h"
+#include "tokenMergeContract.h"
 
 #include <NvInferRuntime.h>
 
@@ -29,9 +31,9 @@ namespace atm
 namespace plugin
 {
 
-constexpr char const* kPluginName = "TokenMerge";
-constexpr char const* kPluginVersion = "2";
-constexpr char const* kPluginNamespace = "atm_export";
+constexpr char const* kPluginName = ATM_TOKEN_MERGE_PLUGIN_NAME;
+constexpr char const* kPluginVersion = ATM_TOKEN_MERGE_PLUGIN_VERSION;
+constexpr char const* kPluginNamespace = ATM_TOKEN_MERGE_PLUGIN_NAMESPACE;
 
 //! Where error messages go: the logger TensorRT handed to setLoggerFinder() if any, else stderr.
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;

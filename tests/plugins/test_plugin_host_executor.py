@@ -2,7 +2,7 @@
 
 The CPU executor (atm_token_merge_host) runs the very step functions the CUDA kernels run, with
 the same tiling and the same arithmetic order, so these tests check the kernels' algorithm in CI
-without a GPU. tests/test_cuda_kernels.py checks the CUDA launches themselves.
+without a GPU. tests/plugins/test_cuda_kernels.py checks the CUDA launches themselves.
 """
 
 from __future__ import annotations

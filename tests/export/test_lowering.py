@@ -8,13 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 from atm_export import merge as M
-from atm_export.backends.ort_custom_op import raise_kernel_error, register, replaying, to_extensions_domain
+from atm_export.backends.ort_custom_op import Replay, kernel_calls, register, to_extensions_domain
 from atm_export.export.lowering import MIN_OPSET, lower_model, single_node_model
-from atm_export.ops import ONNX_DOMAIN, OP_VERSION, register_onnx_schema
-from conftest import merging_inputs
+from conftest import merging_inputs, token_merge_model
 from reference import as_multiset, reference_merge, sweep
 
 CASES = [
@@ -24,22 +22,6 @@ CASES = [
     {"threshold": 1.0, "fixed_r": 5},
     {"threshold": 1.0, "fixed_r": 0},
 ]
-
-
-def token_merge_model(opset=18, **attrs) -> onnx.ModelProto:
-    register_onnx_schema()
-    node = helper.make_node("TokenMerge", ["x", "size", "metric"], ["x_out", "size_out", "num_tokens"],
-                            domain=ONNX_DOMAIN, name="TokenMerge_b1", **attrs)
-    f = TensorProto.FLOAT
-    graph = helper.make_graph(
-        [node], "one_merge",
-        [helper.make_tensor_value_info("x", f, ["B", "N", "C"]), helper.make_tensor_value_info("size", f, ["B", "N"]),
-         helper.make_tensor_value_info("metric", f, ["B", "N", "D"])],
-        [helper.make_tensor_value_info("x_out", f, ["B", "M", "C"]), helper.make_tensor_value_info("size_out", f, ["B", "M"]),
-         helper.make_tensor_value_info("num_tokens", TensorProto.INT64, [])],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(ONNX_DOMAIN, OP_VERSION)],
-                             ir_version=10)
 
 
 def eager(x, size, metric, threshold, fixed_r, split_mode, num_protected):
@@ -55,14 +37,13 @@ def run_lowered(model, x, size, metric):
     return session.run(None, {"x": x.numpy(), "size": size.numpy(), "metric": metric.numpy()})
 
 
-def run_reference_kernel(model, x, size, metric):
+def run_reference_kernel(model, x, size, metric, replay=None):
     options = ort.SessionOptions()
     options.register_custom_ops_library(register())
     session = ort.InferenceSession(to_extensions_domain(model).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"x": x.numpy(), "size": size.numpy(), "metric": metric.numpy()})
-    raise_kernel_error()
-    return outputs
+    with kernel_calls(replay):
+        return session.run(None, {"x": x.numpy(), "size": size.numpy(), "metric": metric.numpy()})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"thr{c['threshold']}-r{c['fixed_r']}")
@@ -168,6 +149,5 @@ def test_a_kernel_error_comes_back_as_a_python_exception():
     Runtime's C++; the kernel holds it and the caller gets it after the run."""
     x, size, metric = merging_inputs(n=9)
     with pytest.raises(RuntimeError, match="more TokenMerge calls than recorded"):
-        with replaying([]):
-            run_reference_kernel(token_merge_model(threshold=0.5), x, size, metric)
-    raise_kernel_error()  # raised once, then forgotten
+        run_reference_kernel(token_merge_model(threshold=0.5), x, size, metric, replay=Replay([]))
+    run_reference_kernel(token_merge_model(threshold=0.5), x, size, metric)  # the error went with its run

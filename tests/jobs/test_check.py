@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -28,28 +29,57 @@ def run_dir(tmp_path_factory):
 
 
 def test_the_run_writes_every_artifact_and_field(run_dir):
-    names = {p.name for p in run_dir.iterdir()}
-    assert names == {"model.onnx", "model.plugin.onnx", "report.json", "report.md"}
+    from atm_export.backends.tensorrt import unavailable_reason
+    from atm_export.report.model import json_schema, load_report
+
+    pictures = ["tokens.png", "latency.png"]
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["artifacts"] == ["model.onnx", "model.plugin.onnx", "report.json", "report.md"]
-    for backend in ("eager_atm", "ort_portable", "ort_plugin"):
+    jsonschema.validate(report, json_schema())
+    load_report(report)
+    engine = [] if unavailable_reason() else ["model.engine"]
+    assert report["artifacts"] == ["model.onnx", "model.plugin.onnx", *engine, "report.json", "report.md", *pictures]
+    assert {p.name for p in run_dir.iterdir()} == set(report["artifacts"])
+    assert report["status"] == "passed" and report["schema_version"] == 1
+    assert report["settings"]["preset"] == "lossless" and report["settings"]["overrides"] == {}
+    merged = ["eager_atm", "ort_portable", "ort_plugin"] + (["tensorrt"] if engine else [])
+    for backend in merged:
         entry = report["parity"][backend]
-        assert {"max_abs_diff", "max_error_ratio", "top1_agreement", "token_counts_equal", "passed"} <= set(entry)
         assert entry["passed"], entry["notes"]
         assert set(entry["batches"]) == {"8", "1", "3"}
         assert entry["precision"] == "fp32"
         assert (entry["tolerance"]["atol"], entry["tolerance"]["rtol"]) == (1e-5, 1e-4)
         assert "atol + rtol * |b|" in entry["tolerance"]["rule"]
-    assert "TensorRT not installed" in report["skipped"]["tensorrt"]
+    if not engine:
+        assert "TensorRT not installed" in report["skipped"]["tensorrt"] or "CUDA" in report["skipped"]["tensorrt"]
+    bench = report["benchmark"]
     for backend in ("eager_baseline", "eager_atm", "ort_baseline", "ort_portable", "ort_plugin"):
-        assert set(report["latency_ms"][backend]["2"]) >= {"p50", "p90"}
-    schedule = report["benchmark"]["schedule"]
+        assert set(bench["latency"][backend]["2"]) == {"p50", "p90", "p99", "mean", "std", "spread", "throughput",
+                                                      "runs", "noisy"}
+    schedule = bench["schedule"]
     assert schedule["gflops"] == pytest.approx(0.9, abs=0.03) and len(schedule["tokens_per_layer"]) == 12
-    assert 0.0 <= report["benchmark"]["merge_share"]["ort_portable"] < 1.0
-    assert set(report["benchmark"]["speedup"]) == {"eager_atm", "ort_portable", "ort_plugin"}
-    assert report["benchmark"]["flops_ratio"] == pytest.approx(report["gflops"]["baseline"] / schedule["gflops"], rel=1e-3)
+    assert 0.0 <= bench["merge_share"]["ort_portable"] < 1.0 and 0.0 < bench["merge_share"]["eager_atm"] < 1.0
+    assert set(bench["speedup"]) == {"eager_atm", "ort_portable", "ort_plugin"}
+    assert bench["flops_ratio"] == pytest.approx(report["flops"]["baseline"] / schedule["gflops"], rel=1e-3)
+
+
+def test_report_md_renders_every_table_and_shows_its_pictures(run_dir):
     md = (run_dir / "report.md").read_text()
-    assert "## Parity against eager PyTorch" in md and "## Latency (ms)" in md and "RANDOM WEIGHTS" in md
+    for heading in ("## Parity against eager PyTorch", "## Latency", "## Legend", "## FLOPs and tokens"):
+        assert heading in md
+    assert "RANDOM WEIGHTS" in md and "![Tokens entering each block](tokens.png)" in md and "(latency.png)" in md
+    lines = md.splitlines()
+    tables = 0
+    for i, line in enumerate(lines):  # every table: a header, a rule of as many cells, rows of as many cells
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            tables += 1
+            width = line.count("|")
+            j = i + 1
+            while j < len(lines) and lines[j].startswith("|"):
+                assert lines[j].count("|") == width, (line, lines[j])
+                j += 1
+            assert j == len(lines) or lines[j] == "", f"a table must end with a blank line: {lines[j]!r}"
+    assert tables >= 3
+    assert not any("e-0" in cell for line in lines if line.startswith("| eager") for cell in line.split("|")[5:6])
 
 
 def test_check_passes_on_untouched_artifacts(run_dir, capsys):
@@ -151,12 +181,12 @@ def _edit_report(copy, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda r: r["gflops"].update(atm=r["gflops"]["atm"] * 0.8), "gflops.atm is"),
-    (lambda r: r["gflops"].update(reduction=0.5), "gflops.reduction is"),
-    (lambda r: r.update(tokens_per_layer=[r["tokens_per_layer"][0]] + [t - 5 for t in r["tokens_per_layer"][1:]]),
-     "tokens_per_layer"),
-    (lambda r: r.update(r_per_layer=[v + 1 for v in r["r_per_layer"]]), "r_per_layer"),
-    (lambda r: r["params"].update(thresholds=[0.5] * len(r["params"]["thresholds"])), "params.thresholds"),
+    (lambda r: r["flops"].update(atm=r["flops"]["atm"] * 0.8), "flops.atm is"),
+    (lambda r: r["flops"].update(reduction=0.5), "flops.reduction is"),
+    (lambda r: r["tokens"].update(mean=[r["tokens"]["mean"][0]] + [t - 5 for t in r["tokens"]["mean"][1:]]),
+     "report.json's tokens"),
+    (lambda r: r["tokens"].update(merged=[v + 1 for v in r["tokens"]["merged"]]), "tokens.merged"),
+    (lambda r: r["settings"]["params"].update(thresholds=[0.5] * 12), "params.thresholds"),
 ], ids=["gflops", "reduction", "tokens", "r", "report-thresholds"])
 def test_check_fails_on_faked_report_figures(run_dir, tmp_path, capsys, edit, message):
     copy = _copy(run_dir, tmp_path)
@@ -166,15 +196,23 @@ def test_check_fails_on_faked_report_figures(run_dir, tmp_path, capsys, edit, me
     assert code == 3 and len(err) == 1 and message in err[0], err
 
 
+def test_a_report_that_breaks_its_schema_is_refused(run_dir, tmp_path, capsys):
+    copy = _copy(run_dir, tmp_path)
+    _edit_report(copy, lambda r: r.update(flops=1.0))
+    assert main(["check", str(copy), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a report this atm-export can check" in err[0] and "report.flops" in err[0], err
+
+
 def test_a_changed_setting_in_the_report_is_caught_by_the_graph(run_dir, tmp_path, capsys):
     """alpha edited in report.json (and the thresholds it gives, consistently): the graph's
     TokenMerge nodes still carry the old thresholds."""
     from atm_export.schedule import MergeConfig
 
     def edit(report):
-        report["params"]["alpha"] = 0.95
-        config = MergeConfig(alpha=0.95, beta=report["params"]["beta"], theta_min=report["params"]["theta_min"])
-        report["params"]["thresholds"] = config.to_dict(12)["thresholds"]
+        params = report["settings"]["params"]
+        params["alpha"] = 0.95
+        params["thresholds"] = MergeConfig(alpha=0.95, beta=params["beta"], theta_min=params["theta_min"]).to_dict(12)["thresholds"]
 
     copy = _copy(run_dir, tmp_path)
     _edit_report(copy, edit)
@@ -186,15 +224,15 @@ def test_a_changed_setting_in_the_report_is_caught_by_the_graph(run_dir, tmp_pat
 
 @pytest.fixture(scope="module")
 def eager_reference(run_dir):
-    from atm_export.check import config_from_report, read_report, rebuild_model
+    from atm_export.jobs.check import config_from_report, read_report, rebuild_model
+    from atm_export.jobs.common import sample_batch
     from atm_export.parity import reference_run
     from atm_export.patch import patch_model
-    from atm_export.pipeline import sample_batch
 
     report = read_report(run_dir)
     vit = rebuild_model(report, None)
-    atm = patch_model(vit, config_from_report(report["params"]))
-    batch, _ = sample_batch(vit, None, report["images"]["count"])
+    atm = patch_model(vit, config_from_report(report.settings.params))
+    batch, _ = sample_batch(vit, None, report.images["count"])
     return reference_run(atm, batch[:3])
 
 
@@ -206,10 +244,13 @@ def test_replay_reads_the_node_attributes(run_dir, eager_reference, tamper):
     from atm_export.backends.ort import OrtRunner
     from atm_export.parity import FAILED, PASSED, replay_check
 
+    def replaying(model):
+        return lambda plans: OrtRunner(model, "ort_plugin", plugin=True, replay=plans)
+
     model = onnx.load(str(run_dir / "model.plugin.onnx"))
-    assert replay_check(OrtRunner(model, "plugin").run, eager_reference)["status"] == PASSED
+    assert replay_check(replaying(model), eager_reference)["status"] == PASSED
     tamper(model)
-    result = replay_check(OrtRunner(model, "plugin").run, eager_reference)
+    result = replay_check(replaying(model), eager_reference)
     assert result["status"] == FAILED and "its attributes do not give eager's step" in result["note"], result
 
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from atm_export import MergeConfig, patch_model
-from atm_export.backends.ort import OrtRunner
+from atm_export import MergeConfig, contract, patch_model
+from atm_export.backends import open_runner
+from atm_export.export.bundle import Bundle
 from atm_export.export.onnx import (check_model, custom_nodes, export_plugin_flavour, portable_flavour,
                                     read_metadata, with_fixed_schedule)
 from atm_export.images import take_batch
-from atm_export.ops import ONNX_DOMAIN, ONNX_OP
 from atm_export.parity import PASSED, check_backend, lowering_check, ort_extra_checks, reference_run
 from conftest import TINY_MODELS, make_model
 
@@ -37,9 +37,9 @@ def test_flavours_pass_the_checker_with_their_custom_node_rules(exported):
     _, atm, plugin, portable = exported
     check_model(plugin, "plugin")
     check_model(portable, "portable")
-    merges = [n for n in plugin.graph.node if n.op_type == ONNX_OP]
+    merges = [n for n in plugin.graph.node if contract.is_token_merge(n)]
     assert len(merges) == sum(step is not None for step in atm.steps)
-    assert set(custom_nodes(plugin)) == {(ONNX_DOMAIN, ONNX_OP)}
+    assert set(custom_nodes(plugin)) == {(contract.DOMAIN, contract.OP_TYPE)}
     assert custom_nodes(portable) == []
     assert read_metadata(plugin)["flavour"] == "plugin" and read_metadata(portable)["flavour"] == "portable"
     for node in merges:  # TensorRT's tuning value, and the cast of the plugin's INT32 count
@@ -57,15 +57,20 @@ def test_batch_is_dynamic_and_outputs_are_named(exported):
     assert plugin.graph.output[1].type.tensor_type.shape.dim[0].dim_value == atm.depth
 
 
+def _extra_checks(bundle):
+    return ort_extra_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans), bundle.portable)
+
+
 def test_parity_at_batch_sizes_1_3_8(exported, flat_images):
     key, atm, plugin, portable = exported
     refs = [reference_run(atm, take_batch(flat_images, b)) for b in (1, 3, 8)]
     assert refs[-1].tokens[-1] < 0.6 * refs[-1].tokens[0], f"{key}: the inputs should merge a lot: {refs[-1].tokens}"
-    plugin_run = OrtRunner(plugin, "plugin").run
-    extra = ort_extra_checks(plugin, plugin_run, portable)
+    bundle = Bundle(atm=atm, vit=atm.vit, plugin=plugin, portable=portable)
+    extra = _extra_checks(bundle)
     assert set(extra) == {"ort_plugin", "ort_portable"}
-    for name, run in [("ort_portable", OrtRunner(portable, "portable").run), ("ort_plugin", plugin_run)]:
-        result = check_backend(run, refs, extra_checks=extra[name])
+    for name in ("ort_portable", "ort_plugin"):
+        with open_runner(bundle, name) as runner:
+            result = check_backend(runner, refs, extra_checks=extra[name])
         assert result["status"] == PASSED, (name, result["notes"])
         for batch in result["batches"].values():
             assert all(c["status"] == PASSED for c in batch["checks"].values()), batch
@@ -78,8 +83,9 @@ def test_a_fixed_schedule_replays_exactly(exported, flat_images):
     r = [0] * atm.depth
     for block in [i for i, s in enumerate(atm.steps) if s is not None][:3]:
         r[block] = 7
-    replay = portable_flavour(with_fixed_schedule(plugin, r))
-    _, tokens = OrtRunner(replay, "portable").run(take_batch(flat_images, 3).numpy())
+    replay = Bundle(atm=atm, vit=atm.vit, portable=portable_flavour(with_fixed_schedule(plugin, r)))
+    with open_runner(replay, "ort_portable") as runner:
+        tokens = runner.run(take_batch(flat_images, 3).numpy()).tokens
     expected = [atm.vit.patch_embed.num_patches + atm.num_protected]
     for block in range(atm.depth - 1):
         expected.append(expected[-1] - r[block])
@@ -88,8 +94,9 @@ def test_a_fixed_schedule_replays_exactly(exported, flat_images):
 
 def _parity_of_portable(portable, plugin, atm, images):
     refs = [reference_run(atm, take_batch(images, 3))]
-    extra = ort_extra_checks(plugin, OrtRunner(plugin, "plugin").run, portable)
-    return check_backend(OrtRunner(portable, "portable").run, refs, extra_checks=extra["ort_portable"])
+    bundle = Bundle(atm=atm, vit=atm.vit, plugin=plugin, portable=portable)
+    with open_runner(bundle, "ort_portable") as runner:
+        return check_backend(runner, refs, extra_checks=_extra_checks(bundle)["ort_portable"])
 
 
 def test_a_broken_merge_step_is_caught(exported, flat_images):

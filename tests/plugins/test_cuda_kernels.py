@@ -2,7 +2,7 @@
 
 Run on a machine with a CUDA device (nvcc and cmake build the library on first use):
 
-    .venv/bin/python -m pytest tests/test_cuda_kernels.py -v
+    .venv/bin/python -m pytest tests/plugins/test_cuda_kernels.py -v
 
 Inputs use metrics with exactly 64 (or 16) entries of +-1, the rest 0, scaled by powers of two:
 norms are powers of two, so every cosine is an exact multiple of 1/64 (1/16) in float32 on both

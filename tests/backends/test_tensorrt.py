@@ -7,7 +7,7 @@ import pytest
 
 from atm_export.backends import tensorrt as trt_backend
 from atm_export.errors import UserError
-from test_lowering import token_merge_model
+from conftest import token_merge_model
 
 REASON = trt_backend.unavailable_reason()
 
@@ -58,10 +58,10 @@ def test_engine_matches_eager_pytorch(tmp_path, flat_images):
     onnx.save(plugin, str(path))
     library = plugin_lib.plugin_library()  # builds it (incrementally) with the TensorRT found here
     engine = trt_backend.build_engine(path, trt_backend.EngineSpec(1, 8, 8), library)
-    runner = trt_backend.EngineRunner(engine, library)
     refs = [reference_run(atm, take_batch(flat_images, b)) for b in (1, 3, 8)]
-    result = check_backend(runner.run, refs)
-    assert result["status"] in (PASSED, INCONCLUSIVE), result["notes"]
-    assert any(b["status"] == PASSED for b in result["batches"].values())
-    with pytest.raises(UserError, match="outside the engine's optimization profile"):
-        runner.run(take_batch(flat_images, 9).numpy())
+    with trt_backend.EngineRunner(engine, "tensorrt", plugin=library) as runner:
+        result = check_backend(runner, refs)
+        assert result["status"] in (PASSED, INCONCLUSIVE), result["notes"]
+        assert any(b["status"] == PASSED for b in result["batches"].values())
+        with pytest.raises(UserError, match="outside the engine's optimization profile"):
+            runner.run(take_batch(flat_images, 9).numpy())

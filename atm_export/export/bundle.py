@@ -1,0 +1,49 @@
+"""The export bundle: every model of one run, each produced once, for the runners to open.
+
+A bundle holds the eager models (the ATM-patched model and the unmerged timm model it shares
+its parameters with), the ONNX graphs (the plugin flavour, the portable flavour lowered from it,
+the unmerged baseline), and the TensorRT engines where they were built. Parity, the benchmarks
+and ``check`` open runners on a bundle (``atm_export.backends.open_runner``) and never export or
+lower anything themselves. ``with_schedule`` gives the bundle whose merged models replay a
+fixed token schedule (for benchmarks), made from this one's graphs without a new export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import onnx
+from torch import nn
+
+from ..patch import ATMVisionTransformer, patch_model
+from ..schedule import r_from_tokens, replay_config
+from .onnx import portable_flavour, with_fixed_schedule
+
+
+@dataclass
+class Bundle:
+    """The models of one run. Graphs and engines are None where they were not made."""
+
+    atm: ATMVisionTransformer
+    vit: nn.Module
+    plugin: onnx.ModelProto | None = None
+    portable: onnx.ModelProto | None = None
+    baseline: onnx.ModelProto | None = None
+    engine: bytes | None = None  # TensorRT, from ``plugin``
+    engine_baseline: bytes | None = None  # TensorRT, from ``baseline``
+    engine_info: dict | None = None  # what built the engines (GPU, TensorRT version, precision, profile)
+    schedule: list[int] | None = None  # tokens entering each block, when the merged models replay it
+
+    def with_schedule(self, tokens: list[int]) -> "Bundle":
+        """This bundle with its merged models replaying ``tokens`` (tokens entering each block):
+        a ToMe-style eager model with a fixed r per block, and copies of the plugin graph whose
+        TokenMerge nodes merge that r (and its lowering). Engines of the merged model are dropped
+        (an engine is built from the graph it runs)."""
+        atm = self.atm
+        r = r_from_tokens(tokens, atm.num_protected, atm.class_token_head)
+        replaying = patch_model(self.vit, replay_config(r, atm.config.resolved_split_layer(atm.depth), atm.prop_attn))
+        plugin = None if self.plugin is None else with_fixed_schedule(self.plugin, r)
+        return dataclasses.replace(self, atm=replaying, plugin=plugin,
+                                   portable=None if plugin is None else portable_flavour(plugin),
+                                   engine=None, schedule=list(tokens))

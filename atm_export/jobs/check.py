@@ -1,0 +1,207 @@
+"""``atm-export check DIR``: re-validate existing artifacts against their report and eager PyTorch.
+
+For users' CI. Nothing in report.json is taken on trust: check reads it against its schema,
+rebuilds the eager model from what it recorded (model, settings, weights, sample images) and
+
+1. checks every ONNX artifact is a valid atm-export file of its flavour (else exit 2);
+2. compares the artifacts with the report (exit 3 on any difference): the settings in the
+   report must be the ones its alpha/beta/theta_min (or r) give; every TokenMerge node must
+   carry the attributes those settings give its block (``export.integrity``); model.onnx must
+   be model.plugin.onnx with its merge steps lowered;
+3. recomputes the report's figures (GFLOPs, tokens and merges per block) from a fresh eager run
+   on the same images (exit 3 on a difference that no close call explains);
+4. runs the same parity checks as the export did (exit 3 on a failure).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from .. import contract
+from ..console import Console
+from ..errors import ArtifactMismatchError, ParityError, UserError
+from ..export.bundle import Bundle
+from ..export.onnx import check_model, read_metadata
+from ..patch import ATMVisionTransformer, patch_model
+from ..registry import resolve_model
+from ..report.model import BackendParity, Report, ReportSchemaError, load_report
+from ..schedule import MergeConfig
+from ..weights import RANDOM_SEED, create_model, file_sha256
+from .common import check_parity, run_flops, run_params, run_tokens, sample_batch
+
+FLAVOURS = {"model.onnx": "portable", "model.plugin.onnx": "plugin"}
+
+
+def read_report(directory: Path) -> Report:
+    path = directory / "report.json"
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise UserError(f"no report.json in {directory}: not an atm-export output directory")
+    try:
+        return load_report(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except ReportSchemaError as exc:
+        raise UserError(f"{path} is not a report this atm-export can check ({exc}); re-export with it") from None
+
+
+def load_artifact(path: Path, flavour: str) -> onnx.ModelProto:
+    """Load and validate one ONNX artifact; every problem is a one-line UserError."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing (the report lists it)")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for garbage
+        raise UserError(f"{path} is not a valid ONNX file ({type(exc).__name__})") from None
+    meta = read_metadata(model)
+    if "version" not in meta or meta.get("flavour") != flavour:
+        raise UserError(f"{path} was not written by atm-export as the {flavour} flavour "
+                        f"(metadata: {meta or 'none'}); re-export it with atm-export")
+    version = meta.get("token_merge_version", 1)  # exports before atm-export 0.2 did not record it
+    if version != contract.VERSION:
+        raise UserError(f"{path} was exported by atm-export {meta['version']} with TokenMerge version {version} "
+                        f"(another split convention); this atm-export implements version {contract.VERSION}: re-export it")
+    try:
+        check_model(model, flavour)
+    except Exception as exc:
+        raise UserError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def config_from_report(params: dict) -> MergeConfig:
+    fields = {k: params[k] for k in ("policy", "alpha", "beta", "theta_min", "split_layer", "prop_attn") if k in params}
+    if "r" in params:
+        fields["r"] = tuple(params["r"])
+    return MergeConfig(**fields).validate()
+
+
+def rebuild_model(report: Report, weights: str | None):
+    """The eager timm model the artifacts were exported from."""
+    entry = resolve_model(report.model.name)
+    if entry.timm_name != report.model.timm_name:  # a registry change since the export
+        entry = resolve_model(report.model.timm_name)
+    recorded = report.weights
+    if recorded["source"] == "random":
+        if recorded.get("seed") != RANDOM_SEED:
+            raise UserError(f"the artifacts used random weights with seed {recorded.get('seed')}; this version "
+                            f"of atm-export draws them with seed {RANDOM_SEED}")
+        vit, _ = create_model(entry, random_init=True)
+    elif recorded["source"] == "file":
+        path = weights or recorded["path"]
+        if not Path(path).is_file():
+            raise UserError(f"the weights the artifacts were made from ({path}) are not there; pass --weights PATH")
+        if file_sha256(Path(path)) != recorded["sha256"]:
+            raise UserError(f"{path} is not the checkpoint the artifacts were made from (sha256 differs)")
+        vit, _ = create_model(entry, weights=path)
+    else:
+        vit, _ = create_model(entry, weights=weights)
+    return vit
+
+
+def settings_differences(report: Report, atm: ATMVisionTransformer) -> list[str]:
+    """Where the report's recorded settings differ from what its own merge settings give."""
+    expected, recorded = run_params(atm.config, atm), report.settings.params
+    return [f"report.json's params.{key} is {recorded.get(key)!r}, but its settings give {value!r}"
+            for key, value in expected.items() if recorded.get(key) != value]
+
+
+def artifact_differences(report: Report, bundle: Bundle) -> list[str]:
+    """Every way the ONNX artifacts differ from what the report says they are."""
+    from ..export.integrity import lowering_difference, merge_node_differences
+
+    atm = bundle.atm
+    problems = settings_differences(report, atm)
+    if bundle.plugin is not None:
+        problems += [f"model.plugin.onnx: {p}" for p in merge_node_differences(bundle.plugin, atm.steps, atm.num_protected)]
+    if bundle.plugin is not None and bundle.portable is not None:
+        difference = lowering_difference(bundle.portable, bundle.plugin)
+        if difference:
+            problems.append(difference)
+    return problems
+
+
+def figure_differences(report: Report, atm: ATMVisionTransformer, reference, precision: str = "fp32"
+                       ) -> tuple[list[str], list[str]]:
+    """The report's figures against a fresh eager run on its sample batch (``reference``).
+    Returns (mismatches, notes): a token count that differs only after a close call is a note
+    (the fresh run may rightly have chosen otherwise)."""
+    from ..parity import explain_call
+
+    flops, tokens = run_flops(atm, reference.stats), run_tokens(reference.stats)
+    recorded = report.tokens
+    if recorded.mean != tokens.mean:
+        counts = [int(round(t)) for t in recorded.mean]
+        _, call = reference.explain_counts(counts, precision) if len(counts) == len(reference.tokens) else (0, None)
+        what = (f"report.json's tokens {recorded.mean} are not what the model gives on its sample images "
+                f"({tokens.mean})")
+        return ([what], []) if call is None else ([], [f"{what}, but {explain_call(reference, call)}"])
+    mismatches = [f"report.json's tokens.{name} {getattr(recorded, name)} are not the sample run's "
+                  f"{getattr(tokens, name)}" for name in ("min", "max", "merged")
+                  if getattr(recorded, name) != getattr(tokens, name)]
+    for name in ("baseline", "atm", "reduction"):
+        value, claimed = getattr(flops, name), getattr(report.flops, name)
+        if abs(claimed - value) > 1e-4:
+            mismatches.append(f"report.json's flops.{name} is {claimed}, the sample run gives {value}")
+    return mismatches, []
+
+
+def _raise_mismatch(problems: list[str], console: Console) -> None:
+    for problem in problems:
+        console.note(problem)
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise ArtifactMismatchError(f"{problems[0]}{more}")
+
+
+def check_artifacts(directory: Path, weights: str | None = None, strict: bool = False, console: Console | None = None,
+                    atol: float | None = None, rtol: float | None = None) -> dict[str, BackendParity]:
+    """Validate the artifacts in ``directory``. Raises ArtifactMismatchError when they or the
+    report's figures do not match the report, ParityError on a parity failure. Returns the
+    parity results."""
+    from ..backends import unavailable
+    from ..images import take_batch
+    from ..parity import reference_run
+
+    console = console or Console(verbosity=0)
+    console.plan(4)
+    report = read_report(directory)
+    models = {name: load_artifact(directory / name, flavour) for name, flavour in FLAVOURS.items()
+              if name in report.artifacts}
+    if not models:
+        raise UserError(f"{directory} holds no ONNX artifacts to check (report.json lists none)")
+    with console.step(f"rebuilding eager {report.model.name} from report.json"):
+        vit = rebuild_model(report, weights)
+        atm = patch_model(vit, config_from_report(report.settings.params))
+        source = report.images["source"]
+        batch, _ = sample_batch(vit, None if source == "builtin" else source, report.images["count"])
+        engine = directory / "model.engine"
+        bundle = Bundle(atm=atm, vit=vit, plugin=models.get("model.plugin.onnx"), portable=models.get("model.onnx"),
+                        engine=engine.read_bytes() if engine.is_file() else None, engine_info=report.tensorrt)
+    with console.step("comparing the artifacts with report.json"):
+        problems = artifact_differences(report, bundle)
+        if problems:
+            _raise_mismatch(problems, console)
+    with console.step("recomputing the report's GFLOPs and token counts"):
+        sample_ref = reference_run(atm, batch)
+        problems, notes = figure_differences(report, atm, sample_ref)
+        if problems:
+            _raise_mismatch(problems, console)
+        for note in notes:
+            console.note(note)
+        if notes and strict:
+            raise ParityError(f"{notes[0]} (--strict-parity)")
+    sizes = sorted({int(b) for p in report.parity.values() for b in p.batches} or {batch.shape[0]})
+    refs = [sample_ref if b == batch.shape[0] else reference_run(atm, take_batch(batch, b)) for b in sizes]
+    names = [n for n in ("ort_portable", "ort_plugin", "tensorrt") if not unavailable(n, bundle)]
+    if bundle.engine is not None and "tensorrt" not in names:
+        console.note(f"model.engine not checked: {unavailable('tensorrt', bundle)}")
+    precisions = {"tensorrt": (report.tensorrt or {}).get("precision", "fp32")}
+    results = check_parity(bundle, names, refs, console, strict=strict, atol=atol, rtol=rtol, precisions=precisions)
+    failed = [n for n, r in results.items() if r.fails_run]
+    if failed:
+        worst = results[failed[0]]
+        raise ParityError(f"{', '.join(failed)} disagree with eager PyTorch: {(worst.notes or [worst.status])[0]}")
+    return results

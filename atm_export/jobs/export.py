@@ -1,0 +1,215 @@
+"""The main job: model -> ATM -> ONNX bundle -> parity -> benchmarks -> report -> artifacts.
+
+``run_job`` reads as the steps of a run (README, "What a run does and writes"). Each step is a
+function below it; none prints except through the Console, and every file goes through the
+staged output directory (atm_export.artifacts), so a failed or interrupted run leaves nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifacts import ArtifactWriter, open_output
+from ..backends import MERGED, unavailable
+from ..console import Console
+from ..errors import ParityError, UserError
+from ..export.bundle import Bundle
+from ..images import take_batch
+from ..parity import reference_run
+from ..patch import patch_model
+from ..registry import ModelEntry, resolve_model
+from ..report.model import Report
+from ..settings import Settings, resolve_settings
+from ..weights import create_model
+from .benchmark import run_benchmark
+from .common import Model, check_parity, run_flops, run_params, sample_batch
+from .outputs import build_report, merge_map_blocks, write_report
+
+
+@dataclass
+class JobOptions:
+    model: str
+    output: Path
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)  # MergeConfig fields given on the command line
+    weights: str | None = None
+    random_init: bool = False
+    images: str | None = None
+    batch_size: int = 8
+    force: bool = False
+    export: bool = True
+    opset: int = 18
+    parity_batches: tuple[int, ...] = (1, 3)
+    strict_parity: bool = False
+    atol: float | None = None  # parity tolerances; None: the default of each backend's precision
+    rtol: float | None = None
+    benchmark: bool = True
+    bench_batches: tuple[int, ...] = (1, 8, 32)
+    bench_runs: int = 5  # at least this many timed runs per measurement ...
+    bench_time: float = 2.0  # ... and at least this many seconds
+    bench_schedule: str | None = None
+    tensorrt: bool = True
+    trt_precision: str = "fp32"
+    trt_plugin: str | None = None
+    visualize: bool = False
+    visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
+
+
+def run_job(opts: JobOptions, console: Console | None = None) -> Report:
+    """Run the whole job and write its artifacts. Returns the report; raises ParityError (after
+    writing the artifacts and the report) when a backend disagrees with eager PyTorch."""
+    console = console or Console(verbosity=0)
+    entry, settings, engines = check_options(opts)
+    console.plan(2 + 2 * opts.export + engines + 1 + opts.benchmark + 1)
+    with open_output(opts.output, opts.force) as writer:
+        if writer.removed_stale:
+            console.note(f"removed {len(writer.removed_stale)} staging director"
+                         f"{'y' if len(writer.removed_stale) == 1 else 'ies'} left in {opts.output} by killed runs")
+        model = load(opts, entry, settings, console)
+        stats = run_sample(model, console)
+        skipped: dict[str, str] = {}
+        bundle = export(model, stats, opts, writer, skipped, console, engines)
+        names = compared_backends(bundle, opts, skipped)
+        parity = check_parity(bundle, names, [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)],
+                              console, strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
+                              precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
+        benchmark = run_benchmark(bundle, model, stats, opts, console) if opts.benchmark else None
+        if not opts.benchmark:
+            skipped["benchmark"] = "not requested (--no-benchmark)"
+        report = build_report(model, stats, parity, benchmark, bundle, skipped)
+        write_report(report, model, opts, writer, console)
+    if report.status == "failed":
+        failed = [name for name, p in report.parity.items() if p.fails_run]
+        raise ParityError(f"{', '.join(failed)} disagree with eager PyTorch; see {opts.output / 'report.md'}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps.
+
+def default_output(model: str, preset: str | None, overrides: dict) -> Path:
+    """atm-out/MODEL-PRESET for a preset as it is, atm-out/MODEL for settings of one's own."""
+    entry = resolve_model(model)
+    settings = resolve_settings(entry, preset, overrides)
+    own = settings.preset is None or settings.overrides
+    return Path("atm-out") / (model if own else f"{model}-{settings.preset.name}")
+
+
+def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
+    """Every mistake in the options, before any work. Also returns whether TensorRT engines
+    will be built (TensorRT and a GPU present, and asked for)."""
+    from ..backends.tensorrt import unavailable_reason
+    from ..export.onnx import check_opset
+
+    entry = resolve_model(opts.model)
+    settings = resolve_settings(entry, opts.preset, opts.overrides)
+    if opts.export:
+        check_opset(opts.opset)
+        if settings.config.per_image:
+            raise UserError("the atm-per-image policy is for comparisons in PyTorch; exported models "
+                            "merge batch-adaptively (use --policy atm, or --no-onnx)")
+    if opts.bench_schedule and not opts.benchmark:
+        raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
+    if opts.bench_runs < 1 or opts.bench_time < 0:
+        raise UserError("--bench-runs must be at least 1 and --bench-time not negative")
+    engines = opts.export and opts.tensorrt and unavailable_reason() is None
+    if engines:
+        from ..backends.tensorrt import load_plugin
+
+        load_plugin(opts.trt_plugin)  # a missing plugin fails now, not after the export
+    return entry, settings, engines
+
+
+def load(opts: JobOptions, entry: ModelEntry, settings: Settings, console: Console) -> Model:
+    name = entry.display_name + (f" ({entry.timm_name})" if entry.timm_name != entry.display_name else "")
+    with console.step(f"loading {name} and the sample images"):
+        vit, weights = create_model(entry, opts.weights, opts.random_init)
+        atm = patch_model(vit, settings.config)
+        if opts.visualize:
+            merge_map_blocks(atm, opts.visualize_blocks)  # wrong blocks fail now, not at the end
+        if weights.random:
+            console.warn("random weights (--random-init): outputs do not reflect a trained model")
+        batch, images = sample_batch(vit, opts.images, opts.batch_size)
+    return Model(entry, settings, atm, weights, batch, images)
+
+
+def run_sample(model: Model, console: Console):
+    with console.step(f"running ATM on the {model.images['count']} sample images"):
+        with torch.inference_mode():
+            _, stats = model.atm.run(model.batch)
+        flops = run_flops(model.atm, stats)
+        console.note(f"GFLOPs {flops.baseline:.2f} -> {flops.atm:.2f}; tokens entering each block "
+                     f"{[round(t, 1) for t in stats.tokens_per_layer]}")
+    return stats
+
+
+def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skipped: dict, console: Console,
+           engines: bool) -> Bundle:
+    """Every graph of the run, once: the plugin flavour, its lowering, and (for the benchmarks)
+    the unmerged baseline; the TensorRT engine where TensorRT and a GPU are present."""
+    import onnx
+
+    from ..export.onnx import check_model, export_baseline, export_plugin_flavour, portable_flavour
+
+    bundle = Bundle(atm=model.atm, vit=model.atm.vit)
+    if not opts.export:
+        skipped["onnx"] = "not requested (--no-onnx)"
+        return bundle
+    example = model.batch[:2]
+    metadata = {"model": model.entry.display_name, "timm_name": model.entry.timm_name,
+                "params": run_params(model.settings.config, model.atm), "preset": model.settings.to_dict()["preset"],
+                "weights": model.weights.to_dict()}
+    with console.step("exporting model.plugin.onnx (one TokenMerge node per merge step)"):
+        with console.progress(1 + opts.benchmark, unit="graph") as advance:
+            kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
+            bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept)
+            check_model(bundle.plugin, "plugin")
+            onnx.save(bundle.plugin, writer.path("model.plugin.onnx"))
+            advance()
+            if opts.benchmark:
+                bundle.baseline = export_baseline(model.atm.vit, example, opts.opset)
+                advance("and the unmerged baseline, for the benchmarks")
+    with console.step("lowering the merge steps to standard ops: model.onnx"):
+        bundle.portable = portable_flavour(bundle.plugin)
+        check_model(bundle.portable, "portable")
+        onnx.save(bundle.portable, writer.path("model.onnx"))
+    if engines:
+        build_engines(bundle, model, opts, writer, console)
+    return bundle
+
+
+def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: ArtifactWriter, console: Console) -> None:
+    from ..backends import tensorrt as trt
+
+    batches = [model.batch.shape[0], *opts.parity_batches, *(opts.bench_batches if opts.benchmark else ())]
+    spec = trt.EngineSpec(min_batch=1, opt_batch=model.batch.shape[0], max_batch=max(batches), precision=opts.trt_precision)
+    with console.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
+        bundle.engine = trt.build_engine(writer.path("model.plugin.onnx"), spec, opts.trt_plugin)
+        writer.path("model.engine").write_bytes(bundle.engine)
+        if bundle.baseline is not None:
+            bundle.engine_baseline = trt.build_engine_from_model(bundle.baseline, spec)
+        bundle.engine_info = {**trt.device_info(), "precision": spec.precision,
+                              "profile": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
+                              "plugin_library": str(trt.load_plugin(opts.trt_plugin))}
+
+
+def compared_backends(bundle: Bundle, opts: JobOptions, skipped: dict) -> list[str]:
+    """The merged backends this run compares with eager PyTorch; the others go to ``skipped``
+    with the reason (those that need ONNX are covered by skipped["onnx"] under --no-onnx)."""
+    names = []
+    for name in MERGED:
+        reason = "not requested (--no-tensorrt)" if name == "tensorrt" and not opts.tensorrt else unavailable(name, bundle)
+        if reason is None:
+            names.append(name)
+        elif opts.export or name == "tensorrt":
+            skipped[name] = reason
+    return names
+
+
+def parity_batches(batch: torch.Tensor, opts: JobOptions) -> list[torch.Tensor]:
+    """The sample batch, then the other requested batch sizes (cycling the sample images)."""
+    sizes = [batch.shape[0]] + [b for b in opts.parity_batches if b != batch.shape[0]]
+    return [take_batch(batch, b) for b in dict.fromkeys(sizes)]

@@ -1,0 +1,94 @@
+"""The main job's last step: the typed report, its views (report.json, report.md) and pictures."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..artifacts import ArtifactWriter
+from ..backends import BASELINES
+from ..console import Console
+from ..errors import UserError
+from ..export.bundle import Bundle
+from ..patch import patch_model
+from ..report.model import SCHEMA_VERSION, Benchmark, ModelInfo, Report, SettingsInfo
+from .common import Model, environment, run_flops, run_params, run_tokens
+
+
+def build_report(model: Model, stats, parity: dict, benchmark: Benchmark | None, bundle: Bundle,
+                 skipped: dict) -> Report:
+    entry = model.entry
+    flops = run_flops(model.atm, stats)
+    if entry.paper_model:
+        preset = model.settings.preset
+        flops.paper = {"model": entry.paper_model, "baseline": entry.baseline_gflops,
+                       "atm": preset.gflops if preset and not preset.borrowed_from else None}
+    report = Report(
+        schema_version=SCHEMA_VERSION, status="passed", atm_export_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
+        settings=SettingsInfo(**model.settings.to_dict(), params=run_params(model.settings.config, model.atm)),
+        weights=model.weights.to_dict(), images=model.images, flops=flops, tokens=run_tokens(stats),
+        parity=parity, benchmark=benchmark, tensorrt=bundle.engine_info, skipped=skipped,
+        warnings=[model.weights.to_dict()["warning"]] if model.weights.random else [],
+        environment=environment())
+    report.status = report.overall_status()
+    return report
+
+
+def write_report(report: Report, model: Model, opts, writer: ArtifactWriter, console: Console) -> None:
+    """report.json, report.md and the pictures, staged with the other artifacts."""
+    import json
+
+    from ..report import plots
+    from ..report.markdown import render_markdown
+
+    with console.step("writing the report and its pictures"):
+        t = report.tokens
+        plots.plot_tokens(t.mean, t.min, t.max, writer.path("tokens.png"), title=f"Tokens entering each block: "
+                          f"{report.model.name}")
+        if report.benchmark is not None:
+            latency = {n: {int(b): s.p50 for b, s in per.items()} for n, per in report.benchmark.latency.items()}
+            plots.plot_latency(latency, BASELINES, writer.path("latency.png"))
+        if opts.visualize:
+            draw_merge_maps(model, opts, writer.path("merge_maps.png"))
+        report.pictures = [n for n in ("tokens.png", "latency.png", "merge_maps.png") if writer.staged(n)]
+        report.artifacts = [n for n in ("model.onnx", "model.plugin.onnx", "model.engine") if writer.staged(n)]
+        report.artifacts += ["report.json", "report.md", *report.pictures]
+        writer.write_text("report.md", render_markdown(report))
+        writer.write_text("report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def merge_map_blocks(atm, requested: tuple[int, ...] | None) -> list[int]:
+    """The blocks (1-based) after which to draw merge maps: ``requested``, or the split layer
+    and the last merging block. UserError for blocks that do not merge."""
+    merging = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
+    if not merging:
+        raise UserError("--visualize: these settings merge in no block, so there is nothing to draw")
+    split = atm.config.resolved_split_layer(atm.depth)
+    blocks = list(requested) if requested else sorted({b for b in (split, merging[-1]) if b in merging} or {merging[-1]})
+    missing = [b for b in blocks if b not in merging]
+    if missing:
+        raise UserError(f"--visualize-blocks {missing}: those blocks do not merge (merging blocks: {merging})")
+    return blocks
+
+
+def draw_merge_maps(model: Model, opts, path: Path) -> None:
+    """ToMe-style maps of which patches each token holds, after the chosen blocks."""
+    from timm.data import resolve_data_config
+
+    from ..report.visualize import denormalize, draw_merge_maps as draw
+
+    atm = model.atm
+    blocks = merge_map_blocks(atm, opts.visualize_blocks)
+    traced = patch_model(atm.vit, atm.config, trace_source=True)
+    with torch.inference_mode():
+        _, stats = traced.run(model.batch)
+    after = stats.sources_after
+    config = resolve_data_config({}, model=atm.vit)
+    images = denormalize(model.batch.numpy(), config["mean"], config["std"])
+    grid = atm.vit.patch_embed.grid_size
+    draw(images, {f"after block {b}": after[b].numpy() for b in blocks}, atm.num_protected, tuple(grid), path)
