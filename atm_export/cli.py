@@ -19,7 +19,9 @@ import click
 from . import signals
 from .errors import ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError
 
+#: Exit statuses: 2 a mistake in the input, 3 a check failed; 128 + the signal when interrupted.
 EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 3
 
 
 class DefaultGroup(click.Group):
@@ -206,16 +208,16 @@ def _run(argv: list[str] | None) -> int:
         cli.main(args=argv, prog_name="atm-export", standalone_mode=False)
     except signals.Aborted as exc:
         click.echo("atm-export: aborted", err=True)
-        return exc.exit_code
+        return 128 + exc.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except (UserError, SettingsError, NonFiniteInputError) as exc:
         click.echo(f"atm-export: error: {exc}", err=True)
         return EXIT_USAGE
     except ParityError as exc:
         click.echo(f"atm-export: parity check failed: {exc}", err=True)
-        return exc.exit_code
+        return EXIT_CHECK_FAILED
     except ArtifactMismatchError as exc:
         click.echo(f"atm-export: check failed: {exc}", err=True)
-        return exc.exit_code
+        return EXIT_CHECK_FAILED
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
         return 0
