@@ -126,8 +126,6 @@ class _EagerMerges:
         self.tie_gaps.append(None)
 
     def merge(self, block: int, step: StepSpec, x, size, metric):
-        if size is None:
-            size = x.new_ones(x.shape[:2], dtype=torch.float32)
         start = time.perf_counter() if self.time_merges else 0.0
         out = M.token_merge(x, size, metric, threshold=step.threshold, r=step.r, split_mode=step.split_mode,
                             num_protected=self.model.num_protected, diagnostics=self.diagnostics)
@@ -169,8 +167,6 @@ class _OpMerges:
     def merge(self, block: int, step: StepSpec, x, size, metric):
         from .ops import token_merge_op
 
-        if size is None:
-            size = x.new_ones(x.shape[:2], dtype=torch.float32)
         x, size, self.count = token_merge_op(x, size, metric, step, self.model.num_protected)
         return x, size
 
@@ -274,7 +270,8 @@ class ATMVisionTransformer(nn.Module):
             x = x + blk.drop_path1(blk.ls1(h))
             if step is None:
                 merges.skip(i)
-            else:
+            else:  # every token has size 1 until the first merge
+                size = x.new_ones(x.shape[:2], dtype=torch.float32) if size is None else size
                 x, size = merges.merge(i, step, x, size, metric)
             x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
         return x, size

@@ -110,8 +110,7 @@ class MergeConfig:
 
     def validate(self, depth: int | None = None) -> "MergeConfig":
         """Raise SettingsError (one line) for a setting that cannot work on a model of ``depth``
-        blocks; return self."""
-        self._check()
+        blocks; return self. (What needs no depth was checked when it was built.)"""
         if depth is not None:
             if self.policy == "tome" and len(self.r) not in (1, depth):
                 raise SettingsError(f"r has {len(self.r)} values; give one, or one per block ({depth})")

@@ -34,8 +34,6 @@ from .. import contract
 from .. import merge as M
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
-_ATTRIBUTE_TYPES = {"threshold": "dt_float", "fixed_r": "dt_int64", "split_mode": "dt_int64", "num_protected": "dt_int64",
-                    "opt_num_tokens": "dt_int64", "plugin_version": "dt_string", "plugin_namespace": "dt_string"}
 _registered = False
 
 
@@ -101,11 +99,12 @@ def register() -> str:
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     if not _registered:
+        _ATTRIBUTE_TYPE = {float: PyCustomOpDef.dt_float, int: PyCustomOpDef.dt_int64, str: PyCustomOpDef.dt_string}
         onnx_op(
             op_type=contract.OP_TYPE,
             inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
             outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
-            attrs={name: getattr(PyCustomOpDef, _ATTRIBUTE_TYPES[name]) for name in contract.DEFAULTS},
+            attrs={name: _ATTRIBUTE_TYPE[type(default)] for name, default in contract.DEFAULTS.items()},
         )(_kernel)
         _registered = True
     return get_library_path()

@@ -6,11 +6,11 @@ from ..backends import BASELINES, NAMES, unavailable
 from ..console import Console
 from ..export.bundle import Bundle
 from ..images import take_batch
-from ..report.model import Benchmark
-from .common import Model, run_flops
+from ..report.model import Benchmark, Flops
+from .common import Model
 
 
-def run_benchmark(bundle: Bundle, model: Model, stats, opts, console: Console) -> Benchmark:
+def run_benchmark(bundle: Bundle, model: Model, flops: Flops, opts, console: Console) -> Benchmark:
     """Latency of every backend and of the unmerged models at the benchmark batch sizes.
 
     Without ``--bench-schedule`` the merged models merge the sample images as they would (cycled
@@ -19,7 +19,7 @@ def run_benchmark(bundle: Bundle, model: Model, stats, opts, console: Console) -
     from ..bench import NOISY_SPREAD, TimingPlan, benchmark, parse_schedule, schedule_gflops
     from ..flops import ViTDims
 
-    timed, schedule, gflops = bundle, None, run_flops(model.atm, stats).atm
+    timed, schedule, gflops = bundle, None, flops.atm
     description = "the sample images' own merging (cycled to each batch size)"
     if opts.bench_schedule:
         dims = ViTDims.from_timm(model.atm.vit)
@@ -38,7 +38,7 @@ def run_benchmark(bundle: Bundle, model: Model, stats, opts, console: Console) -
     with console.step(f"benchmark: {len(names)} backends at batch sizes {list(opts.bench_batches)}"):
         with console.progress(len(names) * len(inputs), unit="measurement") as advance:
             result = benchmark(timed, names, inputs, TimingPlan(min_runs=opts.bench_runs, budget_s=opts.bench_time),
-                               flops_ratio=run_flops(model.atm, stats).baseline / gflops, description=description,
+                               flops_ratio=flops.baseline / gflops, description=description,
                                schedule=schedule, plugin_library=opts.trt_plugin,
                                on_measured=lambda name, t: advance(f"{name} b{t.batch}: {t.p50:.1f} ms (p90 "
                                                                    f"{t.percentile(90):.1f}, {len(t.runs_ms)} runs)"))

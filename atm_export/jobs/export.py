@@ -19,9 +19,9 @@ from ..errors import ParityError, UserError
 from ..export.bundle import Bundle
 from ..images import take_batch
 from ..parity import reference_run
-from ..patch import patch_model
+from ..patch import RunStats, patch_model
 from ..registry import ModelEntry, resolve_model
-from ..report.model import Report
+from ..report.model import Flops, Report
 from ..settings import Settings, resolve_settings
 from ..weights import create_model
 from .benchmark import run_benchmark
@@ -69,17 +69,17 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
             console.note(f"removed {len(writer.removed_stale)} staging director"
                          f"{'y' if len(writer.removed_stale) == 1 else 'ies'} left in {opts.output} by killed runs")
         model = load(opts, entry, settings, console)
-        stats = run_sample(model, console)
+        stats, flops = run_sample(model, console)
         skipped: dict[str, str] = {}
         bundle = export(model, stats, opts, writer, skipped, console, engines)
         names = compared_backends(bundle, opts, skipped)
         parity = check_parity(bundle, names, [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)],
                               console, strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
                               precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
-        benchmark = run_benchmark(bundle, model, stats, opts, console) if opts.benchmark else None
+        benchmark = run_benchmark(bundle, model, flops, opts, console) if opts.benchmark else None
         if not opts.benchmark:
             skipped["benchmark"] = "not requested (--no-benchmark)"
-        report = build_report(model, stats, parity, benchmark, bundle, skipped)
+        report = build_report(model, stats, flops, parity, benchmark, bundle, skipped)
         write_report(report, model, opts, writer, console)
     if report.status == "failed":
         failed = [name for name, p in report.parity.items() if p.fails_run]
@@ -136,14 +136,15 @@ def load(opts: JobOptions, entry: ModelEntry, settings: Settings, console: Conso
     return Model(entry, settings, atm, weights, batch, images)
 
 
-def run_sample(model: Model, console: Console):
+def run_sample(model: Model, console: Console) -> tuple[RunStats, Flops]:
+    """Eager ATM on the sample batch: its statistics and GFLOPs."""
     with console.step(f"running ATM on the {model.images['count']} sample images"):
         with torch.inference_mode():
             _, stats = model.atm.run(model.batch)
         flops = run_flops(model.atm, stats)
         console.note(f"GFLOPs {flops.baseline:.2f} -> {flops.atm:.2f}; tokens entering each block "
                      f"{[round(t, 1) for t in stats.tokens_per_layer]}")
-    return stats
+    return stats, flops
 
 
 def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skipped: dict, console: Console,

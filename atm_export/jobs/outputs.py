@@ -14,14 +14,13 @@ from ..console import Console
 from ..errors import UserError
 from ..export.bundle import Bundle
 from ..patch import patch_model
-from ..report.model import SCHEMA_VERSION, Benchmark, ModelInfo, Report, SettingsInfo
-from .common import Model, environment, run_flops, run_params, run_tokens
+from ..report.model import SCHEMA_VERSION, Benchmark, Flops, ModelInfo, Report, SettingsInfo
+from .common import Model, environment, run_params, run_tokens
 
 
-def build_report(model: Model, stats, parity: dict, benchmark: Benchmark | None, bundle: Bundle,
+def build_report(model: Model, stats, flops: Flops, parity: dict, benchmark: Benchmark | None, bundle: Bundle,
                  skipped: dict) -> Report:
     entry = model.entry
-    flops = run_flops(model.atm, stats)
     if entry.paper_model:
         preset = model.settings.preset
         flops.paper = {"model": entry.paper_model, "baseline": entry.baseline_gflops,
