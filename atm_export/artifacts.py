@@ -46,11 +46,12 @@ ARTIFACT_NAMES = (
 class ArtifactWriter:
     """Stage files for ``directory``; ``commit()`` moves them into place, ``abort()`` drops them."""
 
-    def __init__(self, directory: str | Path, force: bool = False):
+    def __init__(self, directory: str | Path, force: bool = False, names: tuple[str, ...] = ARTIFACT_NAMES):
         self.directory = Path(directory)
+        self.names = names
         if self.directory.exists() and not self.directory.is_dir():
             raise UserError(f"--output {self.directory} exists and is not a directory")
-        existing = [n for n in ARTIFACT_NAMES if (self.directory / n).exists()]
+        existing = [n for n in names if (self.directory / n).exists()]
         if existing and not force:
             raise UserError(
                 f"{self.directory} already holds artifacts of an earlier run ({', '.join(existing)}); "
@@ -75,7 +76,7 @@ class ArtifactWriter:
 
     def path(self, name: str) -> Path:
         """Where to write artifact ``name`` now (inside the staging directory)."""
-        if name not in ARTIFACT_NAMES:
+        if name not in self.names:
             raise ValueError(f"not a known artifact name: {name}")
         if name not in self._staged:
             self._staged.append(name)
@@ -96,7 +97,7 @@ class ArtifactWriter:
         moved = []
         with deferred():  # once files start moving, finish: an interrupted commit would mix two runs
             if self.force:
-                for name in ARTIFACT_NAMES:  # an earlier run's files this run does not replace
+                for name in self.names:  # an earlier run's files this run does not replace
                     stale = self.directory / name
                     if name not in self._staged and stale.exists():
                         stale.unlink()
@@ -139,11 +140,12 @@ class ArtifactWriter:
 
 
 @contextmanager
-def open_output(directory: str | Path, force: bool = False):
+def open_output(directory: str | Path, force: bool = False, names: tuple[str, ...] = ARTIFACT_NAMES):
     """``with open_output(dir) as writer:`` stages the run's files; they are committed when the
-    block ends normally and dropped when it raises (a signal included)."""
+    block ends normally and dropped when it raises (a signal included). ``names``: the files the
+    run may write (the main job's artifacts by default)."""
     with deferred():  # a signal now is raised once ``writer`` is set, so that its cleanup runs
-        writer = ArtifactWriter(directory, force)
+        writer = ArtifactWriter(directory, force, names)
     with writer:
         yield writer
 

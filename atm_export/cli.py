@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import signals
-from .errors import ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError
+from .errors import AccuracyGateError, ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError
 
 #: Exit statuses: 2 a mistake in the input, 3 a check failed; 128 + the signal when interrupted.
 EXIT_USAGE = 2
@@ -47,21 +47,33 @@ class DefaultGroup(click.Group):
             raise click.UsageError(f"unknown command {word!r}; did you mean {close[0]!r}?")
 
 
-def _int_list(value: str | None, minimum: int, what: str) -> tuple[int, ...] | None:
-    """'8' or '16,16,12' -> (8,) or (16, 16, 12); click.BadParameter for anything else."""
+def _number_list(value: str | None, kind: type, check, what: str) -> tuple | None:
+    """'8' or '16,16,12' -> (8,) or (16, 16, 12) of ``kind``; click.BadParameter when a value
+    is no ``kind`` or fails ``check`` (``what`` says what is expected)."""
     if value is None:
         return None
     try:
-        numbers = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        numbers = tuple(kind(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
-        raise click.BadParameter(f"expected integers separated by commas, got {value!r}") from None
-    if not numbers or any(n < minimum for n in numbers):
+        noun = "integers" if kind is int else "numbers"
+        raise click.BadParameter(f"expected {noun} separated by commas, got {value!r}") from None
+    if not numbers or not all(check(n) for n in numbers):
         raise click.BadParameter(f"{what}, got {value!r}")
     return numbers
 
 
+def _int_list(value: str | None, minimum: int, what: str) -> tuple[int, ...] | None:
+    """'8' or '16,16,12' -> (8,) or (16, 16, 12); click.BadParameter for anything else."""
+    return _number_list(value, int, lambda n: n >= minimum, what)
+
+
 def _parse_r(ctx, param, value):
     return _int_list(value, 0, "r must not be negative")
+
+
+def _float_list(ctx, param, value):
+    """'0.98,0.99' -> (0.98, 0.99): thresholds or rates, each in [0, 10]."""
+    return _number_list(value, float, lambda n: 0.0 <= n <= 10.0, "expected numbers in [0, 10] separated by commas")
 
 
 def _parse_batches(ctx, param, value):
@@ -89,19 +101,41 @@ def _verbosity_options(command):
     return click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors and the final line.")(command)
 
 
+def _merge_setting_options(command):
+    """The model's weights and merge settings: the same options on every command that runs a model."""
+    options = [
+        click.option("--preset", help="Preset from models/registry.toml or --preset-file (default: lossless); the "
+                                      "settings below override its fields. See `atm-export models`."),
+        click.option("--preset-file", type=click.Path(dir_okay=False),
+                     help="Presets of your own in the registry's format (e.g. written by `atm-export tune`)."),
+        click.option("--policy", type=click.Choice(["atm", "atm-per-image", "tome", "none"]), help="Merge-count policy."),
+        click.option("--alpha", type=float, help="ATM initial threshold (0..1)."),
+        click.option("--beta", type=float, help="ATM threshold decay rate."),
+        click.option("--theta-min", type=float, help="ATM lowest threshold (0..1)."),
+        click.option("--split-layer", type=int,
+                     help="Last block with alternate matching; later blocks use size-distinctive matching."),
+        click.option("--r", "r", callback=_parse_r, help="ToMe merge count (with --policy tome): one number, or one per block."),
+        click.option("--prop-attn/--no-prop-attn", default=None,
+                     help="Proportional attention (default: on for class-token models)."),
+        click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub."),
+        click.option("--random-init", is_flag=True, help="Random weights (every output is flagged)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+OVERRIDES = ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn")
+
+
+def _overrides(kw: dict) -> dict:
+    """Take the merge settings given on the command line out of ``kw``."""
+    return {k: kw.pop(k) for k in OVERRIDES}
+
+
 @cli.command("export")
 @click.argument("model")
-@click.option("--preset", help="Preset from models/registry.toml (default: lossless); the settings below override "
-                                 "its fields. See `atm-export models`.")
-@click.option("--policy", type=click.Choice(["atm", "atm-per-image", "tome", "none"]), help="Merge-count policy.")
-@click.option("--alpha", type=float, help="ATM initial threshold (0..1).")
-@click.option("--beta", type=float, help="ATM threshold decay rate.")
-@click.option("--theta-min", type=float, help="ATM lowest threshold (0..1).")
-@click.option("--split-layer", type=int, help="Last block with alternate matching; later blocks use size-distinctive matching.")
-@click.option("--r", "r", callback=_parse_r, help="ToMe merge count (with --policy tome): one number, or one per block.")
-@click.option("--prop-attn/--no-prop-attn", default=None, help="Proportional attention (default: on for class-token models).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub.")
-@click.option("--random-init", is_flag=True, help="Random weights (every output is flagged).")
+@_merge_setting_options
 @click.option("--images", type=click.Path(file_okay=False), help="Directory of sample images (default: built-in scenes).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sample batch size.")
 @click.option("--output", "-o", type=click.Path(file_okay=False),
@@ -132,12 +166,106 @@ def export_cmd(model, preset, output, quiet, verbose, **kw):
     """Patch MODEL with ATM, export ONNX, check every backend against eager PyTorch, benchmark, report."""
     from .jobs.export import JobOptions, default_output, run_job
 
-    overrides = {k: kw.pop(k) for k in ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn")}
-    output = Path(output) if output else default_output(model, preset, overrides)
+    overrides = _overrides(kw)
+    output = Path(output) if output else default_output(model, preset, overrides, kw["preset_file"])
     opts = JobOptions(model=model, output=output, preset=preset, overrides=overrides, **kw)
     report = run_job(opts, _console(quiet, verbose))
     click.echo(f"wrote {output}: {report.status} (GFLOPs {report.flops.baseline:.2f} -> {report.flops.atm:.2f}; "
                f"parity: {_statuses(report.parity)})")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Image folder: one subfolder per class (ImageNet validation layout), or a flat folder (no labels).")
+@_merge_setting_options
+@click.option("--backend", default="eager", show_default=True,
+              type=click.Choice(["eager", "ort_portable", "ort_plugin", "tensorrt"]),
+              help="Evaluate an exported artifact (model.onnx, model.plugin.onnx, model.engine) instead of eager PyTorch.")
+@click.option("--artifacts", type=click.Path(file_okay=False),
+              help="With --backend: the export's output directory (default: atm-out/MODEL-lossless).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per batch; batch-adaptive merging makes results depend on it (the paper used 1024).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images (a fixed shuffled subset).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image-decoding worker processes.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Where eval.json and eval.md go (default: atm-out/MODEL-eval).")
+@click.option("--force", is_flag=True, help="Replace the results of an earlier eval in the output directory.")
+@click.option("--trt-plugin", type=click.Path(dir_okay=False), help="TokenMerge plugin library, with --backend tensorrt.")
+@_verbosity_options
+def eval_cmd(model, preset, output, quiet, verbose, **kw):
+    """Accuracy of ATM on MODEL against the unmerged model: top-1/top-5, agreement, GFLOPs, images/s.
+
+    --preset takes one preset, several (lossless,fast) or "all"; the unmerged model is always evaluated.
+    """
+    from .jobs.evaluate import EvalOptions, run_eval, summary_line
+
+    overrides = _overrides(kw)
+    output = Path(output) if output else Path("atm-out") / f"{model}-eval"
+    presets = (preset,) if preset else ()
+    report = run_eval(EvalOptions(model=model, output=output, presets=presets, overrides=overrides, **kw),
+                      _console(quiet, verbose))
+    for r in report.results:
+        click.echo(summary_line(r))
+    click.echo(f"wrote {output}: eval.json, eval.md")
+
+
+@cli.command("tune")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="Calibration images (class subfolders, or flat).")
+@click.option("--target-gflops", type=float, help="Find the best agreement (or --metric top1) at or under G GFLOPs ...")
+@click.option("--min-agreement", type=float, help="... or the fewest GFLOPs at agreement A or more (0..1).")
+@click.option("--metric", type=click.Choice(["agreement", "top1"]), default="agreement", show_default=True,
+              help="What 'best' means under --target-gflops (top1 needs labelled images).")
+@click.option("--holdout-data", type=click.Path(file_okay=False), help="Held-out images to check the choice on ...")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="... or this share of --data, set aside before the search.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub.")
+@click.option("--random-init", is_flag=True, help="Random weights (the result then means nothing).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per batch (batch-adaptive merging: the preset is tuned for this batch size).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most N images of --data (a fixed shuffled subset).")
+@click.option("--alphas", callback=_float_list, help="alpha grid (default: 0.945 to 1.0, the paper's range).")
+@click.option("--betas", callback=_float_list, help="beta grid (default: 0.015 to 0.05).")
+@click.option("--theta-mins", callback=_float_list, help="theta_min grid (default: 0.8 to 0.945).")
+@click.option("--split-layers", callback=lambda c, p, v: _int_list(v, 0, "expected block numbers"),
+              help="Split layers to try (default: ATM's default, half the depth, the whole depth).")
+@click.option("--eta", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Successive halving: keep 1/eta of the candidates per round.")
+@click.option("--name", default="tuned", show_default=True, help="The preset's name in the file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="The preset file (default: atm-out/MODEL-tuned.toml); FILE.json and FILE.png go beside it.")
+@click.option("--force", is_flag=True, help="Replace an earlier preset file and its record.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image-decoding worker processes.")
+@_verbosity_options
+def tune_cmd(model, target_gflops, min_agreement, metric, output, alphas, betas, theta_mins, split_layers, quiet,
+             verbose, **kw):
+    """Search alpha, beta, theta_min and the split layer for a GFLOPs or agreement target; write a preset file.
+
+    The preset works with the main command, eval and check: --preset-file FILE.
+    """
+    from . import tune as T
+    from .jobs.tune import TuneOptions, run_tune
+
+    target = T.Target(target_gflops=target_gflops, min_agreement=min_agreement, metric=metric)
+    output = Path(output) if output else Path("atm-out") / f"{model}-tuned.toml"
+    grid = {k: v for k, v in {"alphas": alphas, "betas": betas, "theta_mins": theta_mins}.items() if v}
+    opts = TuneOptions(model=model, output=output, target=target, split_layers=split_layers,
+                       command=f"atm-export tune {model} --data {kw['data']} " + (
+                           f"--target-gflops {target_gflops}" if target_gflops is not None else f"--min-agreement {min_agreement}"),
+                       **grid, **kw)
+    report = run_tune(opts, _console(quiet, verbose))
+    for r in report.front:
+        top = "" if r.top1 is None else f", top-1 {r.top1:.2f}"
+        click.echo(f"front: {r.name}: GFLOPs {r.gflops:.4f}, agreement {r.agreement:.4f}{top}")
+    if report.chosen is None:
+        raise AccuracyGateError(f"no setting meets the target ({target.describe()}); "
+                                f"the front is in {output.with_suffix('.json')}")
+    c, h = report.chosen, report.chosen_held_out
+    click.echo(f"chosen: alpha {c.params['alpha']}, beta {c.params['beta']}, theta_min {c.params['theta_min']}, "
+               f"split layer {c.params['split_layer']}: calibration GFLOPs {c.gflops:.4f}, agreement {c.agreement:.4f}; "
+               f"held-out GFLOPs {h.gflops:.4f} (unmerged {report.unmerged_held_out.gflops:.4f}), agreement "
+               f"{h.agreement:.4f}: target {'met' if report.met_on_held_out else 'MISSED'} on held-out images")
+    click.echo(f"wrote {output} (use: --preset-file {output})")
 
 
 @cli.command("check")
@@ -146,18 +274,51 @@ def export_cmd(model, preset, output, quiet, verbose, **kw):
 @click.option("--strict-parity", is_flag=True, help="Fail also on counts that differ only at a threshold.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default 1e-5 fp32, 2e-2 fp16; not read from the report).")
 @click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance: |a-b| <= atol + rtol*|b| (default 1e-4 fp32, 2e-2 fp16).")
+@click.option("--preset-file", type=click.Path(dir_okay=False),
+              help="Also confirm the artifacts were made with this file's preset (e.g. from `atm-export tune`).")
+@click.option("--preset", help="With --preset-file holding several presets: which one.")
+@click.option("--data", type=click.Path(file_okay=False),
+              help="Accuracy gate: evaluate the artifacts' settings against the unmerged model on these images.")
+@click.option("--min-agreement", type=float, help="Gate: fail (exit 3) below this agreement with the unmerged model (0..1).")
+@click.option("--max-top1-drop", type=float, help="Gate: fail (exit 3) when top-1 drops more than D percentage points (labelled images).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Gate: images per batch.")
+@click.option("--limit", type=click.IntRange(min=1), help="Gate: at most N images (a fixed shuffled subset).")
+@click.option("--gate-output", type=click.Path(dir_okay=False), help="Gate: the JSON file (default: DIRECTORY/accuracy_gate.json).")
 @_verbosity_options
-def check_cmd(directory, weights, strict_parity, atol, rtol, quiet, verbose):
+def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset, data, min_agreement, max_top1_drop,
+              batch_size, limit, gate_output, quiet, verbose):
     """Re-validate the artifacts in DIRECTORY against their report and eager PyTorch (for users' CI).
 
-    Exit 0: everything matches; 3: an artifact or a figure does not match its report, or a
-    backend disagrees with eager PyTorch; 2: the directory or its files cannot be read.
+    Exit 0: everything matches; 3: an artifact or a figure does not match its report, a backend
+    disagrees with eager PyTorch, or (with --data) accuracy falls below the limits; 2: the
+    directory or its files cannot be read.
     """
     from .jobs.check import check_artifacts
+    from .jobs.gate import GateOptions, check_preset, run_gate
 
-    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, console=_console(quiet, verbose),
-                             atol=atol, rtol=rtol)
-    click.echo(f"{directory}: artifacts match their report; parity {_statuses(result)}")
+    gate = None
+    if data is not None:
+        gate = GateOptions(data, min_agreement, max_top1_drop, batch_size, limit,
+                           Path(gate_output) if gate_output else None)
+        gate.check()
+    elif min_agreement is not None or max_top1_drop is not None or gate_output or limit:
+        raise UserError("--min-agreement, --max-top1-drop, --limit and --gate-output belong to the accuracy gate: add --data DIR")
+    if preset is not None and preset_file is None:
+        raise UserError("--preset needs --preset-file (the registry's presets are checked through report.json)")
+    console = _console(quiet, verbose)
+    result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, console=console, atol=atol, rtol=rtol,
+                             more_steps=gate is not None)
+    if preset_file:
+        check_preset(Path(directory), preset_file, preset, weights)
+    click.echo(f"{directory}: artifacts match their report{' and ' + preset_file if preset_file else ''}; "
+               f"parity {_statuses(result)}")
+    if gate is not None:
+        outcome = run_gate(Path(directory), gate, weights, console)
+        from .report.accuracy import gate_lines
+
+        for line in gate_lines(outcome):
+            click.echo(line)
+        click.echo(f"accuracy gate passed; figures in {gate.output or Path(directory) / 'accuracy_gate.json'}")
 
 
 @cli.command("build-plugin")
@@ -217,6 +378,9 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_CHECK_FAILED
     except ArtifactMismatchError as exc:
         click.echo(f"atm-export: check failed: {exc}", err=True)
+        return EXIT_CHECK_FAILED
+    except AccuracyGateError as exc:
+        click.echo(f"atm-export: accuracy: {exc}", err=True)
         return EXIT_CHECK_FAILED
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))

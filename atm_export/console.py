@@ -59,9 +59,9 @@ class Console:
 
     @contextmanager
     def progress(self, total: int, unit: str):
-        """A bar over ``total`` items on a terminal; yields ``advance(line)``, where ``line``
-        says what the item came to (printed as a plain line when not on a terminal, or with -v).
-        The bar's clock keeps running while an item takes long (an export, a slow measurement)."""
+        """A bar over ``total`` items on a terminal; yields ``advance(line, postfix)``, where
+        ``line`` says what the item came to (printed as a plain line when not on a terminal, or
+        with -v) and ``postfix`` is a short form of it shown beside the bar. The bar's clock keeps running while an item takes long (an export, a slow measurement)."""
         bar = None
         if self.verbosity >= 1 and self.interactive:
             from tqdm import tqdm
@@ -76,8 +76,10 @@ class Console:
             ticker = threading.Thread(target=tick, daemon=True)
             ticker.start()
 
-        def advance(line: str | None = None) -> None:
+        def advance(line: str | None = None, postfix: str | None = None) -> None:
             if bar is not None:
+                if postfix:
+                    bar.set_postfix_str(postfix, refresh=False)
                 bar.update(1)
                 if line and self.verbosity >= 2:
                     bar.write(f"      {line}", file=self.stream)

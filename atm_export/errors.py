@@ -21,3 +21,8 @@ class ParityError(Exception):
 
 class ArtifactMismatchError(Exception):
     """An artifact does not match what its report says it is (tampered with, or mixed up)."""
+
+
+class AccuracyGateError(Exception):
+    """Merging costs more accuracy than the user's limits allow (``check --min-agreement``,
+    ``--max-top1-drop``), or ``tune`` found no setting that meets its target."""

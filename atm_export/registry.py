@@ -41,6 +41,7 @@ class ModelEntry:
     hub: bool = True
     hub_note: str | None = None
     presets: dict[str, Preset] = field(default_factory=dict)
+    weights: str | None = None  # weights that ship with atm-export (a path inside the package)
 
     @property
     def display_name(self) -> str:
@@ -82,15 +83,32 @@ def load_registry() -> dict[str, ModelEntry]:
         entries[short] = ModelEntry(
             timm_name=spec["timm_name"],
             short_name=short,
-            timm_kwargs=dict(spec.get("timm_kwargs", {})),
+            timm_kwargs=_tuples(dict(spec.get("timm_kwargs", {}))),
             paper_model=spec.get("paper_model"),
             baseline_gflops=spec.get("baseline_gflops"),
             baseline_top1=spec.get("baseline_top1"),
             hub=spec.get("hub", True),
             hub_note=spec.get("hub_note"),
             presets=presets,
+            weights=spec.get("weights"),
         )
     return entries
+
+
+def _tuples(value):
+    """TOML arrays -> tuples, at any depth (timm's configs hold tuples, e.g. input_size)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def bundled_weights(entry: ModelEntry):
+    """The path of the weights that ship with atm-export for ``entry``, or None."""
+    if not entry.weights:
+        return None
+    return resources.files("atm_export").joinpath(entry.weights)
 
 
 def _timm_names() -> list[str]:

@@ -78,6 +78,19 @@ def resolve_settings(entry: ModelEntry, preset_name: str | None, overrides: dict
     return _settings(MergeConfig(**given), None, given)
 
 
+def settings_for(model: str, preset: str | None, overrides: dict, preset_file: str | None = None
+                 ) -> tuple[ModelEntry, Settings]:
+    """The command line's model and settings: ``model`` from the registry (or timm), with the
+    presets of ``preset_file`` added; without ``preset``, the file's preset when it holds one."""
+    from .preset_file import file_default_preset, with_preset_file
+    from .registry import resolve_model
+
+    entry = with_preset_file(resolve_model(model), preset_file)
+    if overrides.get("policy") not in FIXED_POLICIES:
+        preset = file_default_preset(preset_file, entry, preset)
+    return entry, resolve_settings(entry, preset, overrides)
+
+
 def _given(overrides: dict) -> dict:
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = [k for k in given if k not in FIELDS]

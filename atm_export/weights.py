@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import UserError
 from .patch import unsupported_reason
-from .registry import ModelEntry
+from .registry import ModelEntry, bundled_weights
 
 #: Random weights are drawn with this seed, so that a later ``atm-export check`` rebuilds them.
 RANDOM_SEED = 0
@@ -51,7 +51,8 @@ def create_model(entry: ModelEntry, weights: str | None = None, random_init: boo
     """Build ``entry``'s timm model in eval mode with its weights.
 
     weights: a local checkpoint (.safetensors, or a torch file loaded with weights_only).
-    random_init: use random weights (seeded). Neither: the timm hub.
+    random_init: use random weights (seeded). Neither: the weights that ship with atm-export
+    for a model that has them (the registry's ``weights``), else the timm hub.
     """
     import timm
 
@@ -67,6 +68,7 @@ def create_model(entry: ModelEntry, weights: str | None = None, random_init: boo
         raise UserError(f"{entry.display_name} is not a supported ViT: {reason}")
     if random_init:
         return model.eval(), WeightsInfo("random", seed=RANDOM_SEED)
+    weights = weights or bundled_weights(entry)
     if weights:
         info = load_checkpoint(model, Path(weights))
         return model.eval(), info

@@ -99,3 +99,27 @@ def token_merge_model(opset=18, **attrs):
     )
     return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", opset),
                                                                   helper.make_opsetid(contract.DOMAIN, contract.VERSION)])
+
+
+# ---------------------------------------------------------------- the trained test model
+
+@pytest.fixture(scope="session")
+def shapes_vit():
+    """The test model (a small ViT trained on generated shapes) with its committed weights."""
+    from atm_export.registry import resolve_model
+    from atm_export.weights import create_model
+
+    model, _ = create_model(resolve_model("shapes_vit"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """Generated image folders the test model was never trained on (seeds apart from training's):
+    ``val`` (labelled, 40 per class), ``calib`` (labelled, 60 per class), ``flat`` (no labels)."""
+    from atm_export.testmodel.shapes import write_folder
+
+    root = tmp_path_factory.mktemp("shapes")
+    return {"val": write_folder(root / "val", 40, seed=2_000_001),
+            "calib": write_folder(root / "calib", 60, seed=2_000_002),
+            "flat": write_folder(root / "flat", 4, seed=2_000_003, labelled=False)}

@@ -156,30 +156,38 @@ def _raise_mismatch(problems: list[str], console: Console) -> None:
     raise ArtifactMismatchError(f"{problems[0]}{more}")
 
 
+def open_artifacts(directory: Path, weights: str | None = None) -> tuple[Report, Bundle]:
+    """The report of ``directory`` and a bundle of its artifacts, with the eager models rebuilt
+    from what the report recorded. UserError (one line) for anything unreadable."""
+    report = read_report(directory)
+    models = {name: load_artifact(directory / name, flavour) for name, flavour in FLAVOURS.items()
+              if name in report.artifacts}
+    if not models:
+        raise UserError(f"{directory} holds no ONNX artifacts (report.json lists none)")
+    vit = rebuild_model(report, weights)
+    atm = patch_model(vit, config_from_report(report.settings.params))
+    engine = directory / "model.engine"
+    bundle = Bundle(atm=atm, vit=vit, plugin=models.get("model.plugin.onnx"), portable=models.get("model.onnx"),
+                    engine=engine.read_bytes() if engine.is_file() else None, engine_info=report.tensorrt)
+    return report, bundle
+
+
 def check_artifacts(directory: Path, weights: str | None = None, strict: bool = False, console: Console | None = None,
-                    atol: float | None = None, rtol: float | None = None) -> dict[str, BackendParity]:
+                    atol: float | None = None, rtol: float | None = None, more_steps: int = 0) -> dict[str, BackendParity]:
     """Validate the artifacts in ``directory``. Raises ArtifactMismatchError when they or the
     report's figures do not match the report, ParityError on a parity failure. Returns the
-    parity results."""
+    parity results. more_steps: steps the caller runs after these (for the numbering)."""
     from ..backends import unavailable
     from ..images import take_batch
     from ..parity import reference_run
 
     console = console or Console(verbosity=0)
-    console.plan(4)
-    report = read_report(directory)
-    models = {name: load_artifact(directory / name, flavour) for name, flavour in FLAVOURS.items()
-              if name in report.artifacts}
-    if not models:
-        raise UserError(f"{directory} holds no ONNX artifacts to check (report.json lists none)")
-    with console.step(f"rebuilding eager {report.model.name} from report.json"):
-        vit = rebuild_model(report, weights)
-        atm = patch_model(vit, config_from_report(report.settings.params))
+    console.plan(4 + more_steps)
+    with console.step(f"rebuilding the eager model from {directory / 'report.json'}"):
+        report, bundle = open_artifacts(directory, weights)
+        atm, vit = bundle.atm, bundle.vit
         source = report.images["source"]
         batch, _ = sample_batch(vit, None if source == "builtin" else source, report.images["count"])
-        engine = directory / "model.engine"
-        bundle = Bundle(atm=atm, vit=vit, plugin=models.get("model.plugin.onnx"), portable=models.get("model.onnx"),
-                        engine=engine.read_bytes() if engine.is_file() else None, engine_info=report.tensorrt)
     with console.step("comparing the artifacts with report.json"):
         problems = artifact_differences(report, bundle)
         if problems:

@@ -20,9 +20,9 @@ from ..export.bundle import Bundle
 from ..images import take_batch
 from ..parity import reference_run
 from ..patch import RunStats, patch_model
-from ..registry import ModelEntry, resolve_model
+from ..registry import ModelEntry
 from ..report.model import Flops, Report
-from ..settings import Settings, resolve_settings
+from ..settings import Settings, settings_for
 from ..weights import create_model
 from .benchmark import run_benchmark
 from .common import Model, check_parity, run_flops, run_params, sample_batch
@@ -35,6 +35,7 @@ class JobOptions:
     output: Path
     preset: str | None = None
     overrides: dict = field(default_factory=dict)  # MergeConfig fields given on the command line
+    preset_file: str | None = None  # presets of one's own (atm_export.preset_file)
     weights: str | None = None
     random_init: bool = False
     images: str | None = None
@@ -90,10 +91,9 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
 # ---------------------------------------------------------------------------------------------
 # The steps.
 
-def default_output(model: str, preset: str | None, overrides: dict) -> Path:
+def default_output(model: str, preset: str | None, overrides: dict, preset_file: str | None = None) -> Path:
     """atm-out/MODEL-PRESET for a preset as it is, atm-out/MODEL for settings of one's own."""
-    entry = resolve_model(model)
-    settings = resolve_settings(entry, preset, overrides)
+    _, settings = settings_for(model, preset, overrides, preset_file)
     own = settings.preset is None or settings.overrides
     return Path("atm-out") / (model if own else f"{model}-{settings.preset.name}")
 
@@ -104,8 +104,7 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
     from ..backends.tensorrt import unavailable_reason
     from ..export.onnx import check_opset
 
-    entry = resolve_model(opts.model)
-    settings = resolve_settings(entry, opts.preset, opts.overrides)
+    entry, settings = settings_for(opts.model, opts.preset, opts.overrides, opts.preset_file)
     if opts.export:
         check_opset(opts.opset)
         if settings.config.per_image:

@@ -144,3 +144,40 @@ def plot_latency(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return save_png(fig, path)
+
+
+def plot_accuracy_front(
+    points: list[tuple[str, float, float]],
+    path,
+    ylabel: str,
+    title: str = "GFLOPs against accuracy",
+    highlight: list[str] | None = None,
+    others: list[tuple[float, float]] | None = None,
+    others_label: str = "candidates",
+) -> Path:
+    """Accuracy (or agreement) against GFLOPs: one labelled marker per setting.
+
+    points: (name, GFLOPs, value) per setting, the unmerged model among them; highlight: names
+    drawn larger (e.g. the setting tune chose); others: (GFLOPs, value) of settings drawn as
+    small grey dots without labels (e.g. every candidate tune tried).
+    """
+    if not points:
+        raise ValueError("no settings to plot")
+    fig = new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    if others:
+        xs, ys = zip(*others)
+        ax.scatter(xs, ys, s=8, color="0.7", label=others_label, zorder=1)
+    front = sorted(points, key=lambda p: p[1])
+    ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:blue", alpha=0.4, zorder=2)
+    for name, gflops, value in front:
+        big = bool(highlight) and name in highlight
+        ax.scatter([gflops], [value], s=60 if big else 25, color="tab:red" if big else "tab:blue", zorder=3)
+        ax.annotate(name, (gflops, value), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.set_xlabel("GFLOPs per image (realised mean)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if others:
+        ax.legend(fontsize="small")
+    return save_png(fig, path)

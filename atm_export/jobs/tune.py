@@ -1,0 +1,219 @@
+"""``atm-export tune MODEL --data CALIB_DIR``: find ATM settings for a target, check them on held-out images.
+
+The calibration images are decoded once and held in memory with the unmerged model's
+predictions; the search (atm_export.tune) then costs one merged forward pass per candidate
+and batch it sees. The chosen setting is evaluated on held-out images (``--holdout-data``, or
+a share of CALIB_DIR that the search never sees), and written as a preset file in the
+registry's format, with the search record (FILE.json) and the front it found (FILE.png).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from .. import __version__
+from .. import accuracy as A
+from .. import tune as T
+from ..artifacts import open_output
+from ..console import Console
+from ..data import batches, open_folder
+from ..errors import UserError
+from ..patch import patch_model
+from ..preset_file import preset_file_text
+from ..registry import resolve_model
+from ..report.accuracy import EVAL_SCHEMA_VERSION, SettingResult, TuneReport
+from ..report.model import ModelInfo
+from ..weights import create_model
+from .common import run_params
+from .evaluate import DEFAULT_BATCH_SIZE, Candidate, evaluate, result
+
+DEFAULT_HOLDOUT = 0.2
+
+
+@dataclass
+class TuneOptions:
+    model: str
+    data: str
+    output: Path  # the preset file
+    target: T.Target
+    holdout_data: str | None = None
+    holdout: float = DEFAULT_HOLDOUT  # share of --data held out when there is no --holdout-data
+    weights: str | None = None
+    random_init: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    limit: int | None = None
+    name: str = "tuned"
+    alphas: tuple[float, ...] = T.ALPHAS
+    betas: tuple[float, ...] = T.BETAS
+    theta_mins: tuple[float, ...] = T.THETA_MINS
+    split_layers: tuple[int, ...] | None = None  # None: the default, half the depth, the whole depth
+    eta: int = T.ETA
+    workers: int = 0
+    force: bool = False
+    command: str = ""  # as the user typed it, for the preset's source
+    notes: list[str] = field(default_factory=list)
+
+
+def output_names(path: Path) -> tuple[str, str, str]:
+    """The preset file, the search record and the front's picture, side by side."""
+    return path.name, path.stem + ".json", path.stem + ".png"
+
+
+def check_tune_options(opts: TuneOptions) -> None:
+    if opts.output.suffix != ".toml":
+        raise UserError(f"--output {opts.output}: a preset file is TOML; name it *.toml")
+    if not opts.name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"--name {opts.name!r}: use letters, digits, - and _")
+    if not 0.0 < opts.holdout < 1.0:
+        raise UserError(f"--holdout must be between 0 and 1, got {opts.holdout}")
+    if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or opts.eta < 2:
+        raise UserError("--batch-size and --limit must be at least 1, --eta at least 2")
+
+
+def cached_batches(folder, vit, batch_size: int, workers: int) -> tuple[list, A.Tally]:
+    """Every batch of ``folder`` as (images, labels, the unmerged model's predicted classes),
+    and the unmerged model's tally over them."""
+    reference = A.unmerged(vit)
+    cache, base = [], A.Tally()
+    for images, labels in batches(folder, vit, batch_size, workers):
+        pred, seconds = A.timed(reference, images)
+        predicted = A.top1(pred.logits)
+        base.add(pred, labels, predicted, seconds)
+        cache.append((images, labels, predicted))
+    return cache, base
+
+
+def run_tune(opts: TuneOptions, console: Console | None = None) -> TuneReport:
+    console = console or Console(verbosity=0)
+    check_tune_options(opts)
+    console.plan(5)
+    with console.step(f"loading {opts.model} and the images"):
+        entry = resolve_model(opts.model)
+        vit, info = create_model(entry, opts.weights, opts.random_init)
+        calib = open_folder(opts.data, vit.num_classes, "--data", opts.limit)
+        if opts.holdout_data:
+            held = open_folder(opts.holdout_data, vit.num_classes, "--holdout-data")
+        else:
+            calib, held = calib.split(opts.holdout)
+        if opts.target.metric == "top1" and not calib.labelled:
+            raise UserError("--metric top1 needs labelled calibration images (one subfolder per class)")
+        atm_probe = patch_model(vit, T.MergeConfig())
+        pool = T.candidates(atm_probe.depth, not atm_probe.class_token_head, opts.alphas, opts.betas, opts.theta_mins,
+                            opts.split_layers)
+        console.note(f"{len(calib)} calibration images, {len(held)} held out; {len(pool)} candidate settings")
+    with opts_writer(opts) as writer:
+        with console.step(f"decoding the calibration images and running the unmerged model (batch size {opts.batch_size})"):
+            cache, base = cached_batches(calib, vit, opts.batch_size, opts.workers)
+        with console.step(f"searching: {opts.target.describe()}"):
+            models = {}
+
+            def run(c: T.Candidate, index: int) -> None:
+                atm = models.setdefault(c.name, patch_model(vit, c.config))
+                images, labels, reference = cache[index]
+                pred, seconds = A.timed(A.eager(atm), images)
+                c.tally.add(pred, labels, reference, seconds)
+
+            def on_round(i: int, rounds: int, alive: int) -> None:
+                console.note(f"round {i + 1}/{rounds}: {alive} candidates")
+
+            rungs = T.successive_halving(pool, len(cache), run, opts.target, opts.eta, on_round)
+            done = T.finished(pool, len(cache))
+            front = T.pareto_front(done, opts.target.metric)
+            chosen = T.choose(done, opts.target)
+            run_count = sum(c.batches for c in pool)
+            console.note(f"{run_count} candidate-batches run, against {len(pool) * len(cache)} for every candidate "
+                         f"on every batch")
+        with console.step(f"checking the choice on {len(held)} held-out images"):
+            chosen_atm = None if chosen is None else patch_model(vit, chosen.config)
+            held_candidates = [] if chosen is None else [Candidate(opts.name, A.eager(chosen_atm),
+                                                                   run_params(chosen.config, chosen_atm))]
+            held_base, held_tallies = evaluate(held, vit, held_candidates, opts.batch_size, Console(verbosity=0),
+                                               opts.workers)
+        report = _report(opts, entry, info, calib, held, rungs, front, chosen, base, held_base, held_tallies,
+                         chosen_atm, vit)
+        with console.step(f"writing {opts.output}"):
+            _write(report, opts, writer, pool, chosen, entry, base)
+    return report
+
+
+def opts_writer(opts: TuneOptions):
+    return open_output(opts.output.parent, opts.force, output_names(opts.output))
+
+
+def _setting(name: str, c: T.Candidate, vit, base: A.Tally, batch_size: int) -> SettingResult:
+    atm = patch_model(vit, c.config)
+    return result(name, c.tally, run_params(c.config, atm), "eager", batch_size, base)
+
+
+def _report(opts, entry, info, calib, held, rungs, front, chosen, base, held_base, held_tallies, chosen_atm, vit
+            ) -> TuneReport:
+    from .evaluate import UNMERGED
+
+    chosen_result = None if chosen is None else _setting(opts.name, chosen, vit, base, opts.batch_size)
+    held_result = None
+    met = None
+    if chosen is not None:
+        held_result = result(opts.name, held_tallies[opts.name], run_params(chosen.config, chosen_atm), "eager",
+                             opts.batch_size, held_base)
+        t = opts.target
+        met = (held_result.gflops <= t.target_gflops) if t.target_gflops is not None else (
+            held_result.agreement >= t.min_agreement)
+    notes = list(opts.notes)
+    if chosen is None:
+        best = front[0] if opts.target.target_gflops is not None else (front[-1] if front else None)
+        notes.append("no setting of the grid meets the target on the calibration images"
+                     + (f"; the closest: {best.name} (GFLOPs {best.tally.gflops:.4f}, agreement "
+                        f"{best.tally.agreement:.4f})" if best else ""))
+    return TuneReport(
+        schema_version=EVAL_SCHEMA_VERSION, atm_export_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
+        weights=info.to_dict(), target=opts.target.to_dict(), calibration=calib.to_dict(), held_out=held.to_dict(),
+        batch_size=opts.batch_size, rungs=rungs,
+        front=[_setting(c.name, c, vit, base, opts.batch_size) for c in front],
+        chosen=chosen_result, chosen_held_out=held_result,
+        unmerged_held_out=result(UNMERGED, held_base, {"policy": "none"}, "eager", opts.batch_size),
+        met_on_held_out=met, preset_file=None if chosen is None else str(opts.output), notes=notes)
+
+
+def _write(report: TuneReport, opts: TuneOptions, writer, pool, chosen, entry, base: A.Tally) -> None:
+    from ..report import plots
+
+    preset_name, record, picture = output_names(opts.output)
+    metric = opts.target.metric
+
+    def value(r: SettingResult) -> float:
+        return r.top1 if metric == "top1" else r.agreement
+
+    points = [("unmerged", base.gflops, base.top1 if metric == "top1" else 1.0)]
+    chosen_params = report.chosen.params if report.chosen is not None else None
+    points += [(r.name, r.gflops, value(r)) for r in report.front if r.params != chosen_params]
+    others = [(c.tally.gflops, c.tally.top1 if metric == "top1" else c.tally.agreement) for c in pool if c.tally.images]
+    highlight = []
+    if report.chosen is not None:
+        points.append((report.chosen.name, report.chosen.gflops, value(report.chosen)))
+        highlight = [report.chosen.name]
+    plots.plot_accuracy_front(points, writer.path(picture), "top-1 (%)" if metric == "top1" else "agreement with unmerged",
+                              title=f"{report.model.name}: tune front on {report.calibration['images']} calibration images",
+                              highlight=highlight, others=others,
+                              others_label="candidates, on the images they reached before being dropped")
+    writer.write_text(record, json.dumps(report.to_dict(), indent=2) + "\n")
+    if chosen is None:
+        return
+    c, h = report.chosen, report.chosen_held_out
+    source = (f"{opts.command or 'atm-export tune'}: {opts.target.describe()}; calibration {c.images} images: "
+              f"GFLOPs {c.gflops:.4f}, agreement {c.agreement:.4f}"
+              + (f", top-1 {c.top1:.2f}" if c.top1 is not None else "")
+              + f"; held-out {h.images} images: GFLOPs {h.gflops:.4f}, agreement {h.agreement:.4f}"
+              + (f", top-1 {h.top1:.2f}" if h.top1 is not None else "")
+              + f" ({'met' if report.met_on_held_out else 'missed'} the target); batch size {opts.batch_size}")
+    figures = {"gflops": round(h.gflops, 4), "agreement": round(h.agreement, 4),
+               "top1": None if h.top1 is None else round(h.top1, 2)}
+    comments = [f"written by atm-export {__version__} tune on {report.created}",
+                f"use with: atm-export {entry.display_name} --preset-file {opts.output.name}",
+                "figures: on the held-out images (the search record is in " + record + ")"]
+    writer.write_text(preset_name, preset_file_text(entry, opts.name, chosen.config, figures, source, comments))
