@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 
 from .errors import SettingsError, UserError
-from .registry import ModelEntry, Preset
+from .registry import ModelEntry, Preset, load_registry
 from .schedule import MergeConfig
 
 PRESET_KEYS = {"policy", "alpha", "beta", "theta_min", "split_layer", "gflops", "agreement", "top1", "source"}
@@ -54,7 +54,9 @@ def read_preset_file(path: str | Path, entry: ModelEntry) -> dict[str, Preset]:
     if not tables:
         _fail(path, "holds no model table (expected [MODEL] and [MODEL.presets.NAME], as in models/registry.toml)")
     names = {entry.short_name, entry.timm_name} - {None}
-    match = [k for k, v in tables.items() if k in names or v.get("timm_name") == entry.timm_name]
+    registry = load_registry()
+    match = [k for k in tables if k in names] or [  # by timm name, unless the table names another registered model
+        k for k, v in tables.items() if v.get("timm_name") == entry.timm_name and k not in registry]
     if not match:
         _fail(path, f"holds presets for {', '.join(tables)}, not for {entry.display_name}")
     presets = tables[match[0]].get("presets")

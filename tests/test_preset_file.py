@@ -69,3 +69,12 @@ def test_a_missing_file_and_an_ambiguous_one(tmp_path, entry):
                     "[deit_s.presets.b]\nalpha = 0.98\nbeta = 0.02\ntheta_min = 0.87\n")
     with pytest.raises(UserError, match="holds several presets .*choose one with --preset"):
         file_default_preset(path, entry, None)
+
+
+def test_another_registered_models_table_does_not_match_by_timm_name(tmp_path):
+    """shapes_vit and vit_t share timm's vit_tiny_patch16_224, not their presets."""
+    path = tmp_path / "p.toml"
+    path.write_text('[vit_t]\ntimm_name = "vit_tiny_patch16_224"\n[vit_t.presets.x]\nalpha = 0.99\nbeta = 0.02\ntheta_min = 0.87\n')
+    assert "x" in read_preset_file(path, resolve_model("vit_t"))
+    with pytest.raises(UserError, match="holds presets for vit_t, not for shapes_vit"):
+        read_preset_file(path, resolve_model("shapes_vit"))

@@ -179,7 +179,7 @@ def exported_candidate(opts: EvalOptions, stack) -> tuple[ModelEntry, object, di
     directory = Path(opts.artifacts) if opts.artifacts else default_output(opts.model, None, {})
     report, bundle = open_artifacts(directory, opts.weights)
     entry = resolve_model(opts.model)
-    if entry.timm_name != report.model.timm_name:
+    if opts.model not in (report.model.name, report.model.timm_name) and entry.display_name != report.model.name:
         raise UserError(f"{directory} holds artifacts of {report.model.name} ({report.model.timm_name}), "
                         f"not of {opts.model}")
     if opts.backend == "tensorrt" and bundle.engine is None:

@@ -56,7 +56,7 @@ def preset_differences(directory: Path, preset_file: str, preset: str | None, we
     from ..patch import patch_model
 
     report, bundle = open_artifacts(directory, weights)
-    entry = with_preset_file(resolve_model(report.model.timm_name), preset_file)
+    entry = with_preset_file(resolve_model(report.model.name), preset_file)
     name = file_default_preset(preset_file, entry, preset) or preset
     config = entry.preset(name).config
     wanted = run_params(config, patch_model(bundle.vit, config))

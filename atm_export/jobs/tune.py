@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -55,7 +55,6 @@ class TuneOptions:
     workers: int = 0
     force: bool = False
     command: str = ""  # as the user typed it, for the preset's source
-    notes: list[str] = field(default_factory=list)
 
 
 def output_names(path: Path) -> tuple[str, str, str]:
@@ -87,7 +86,19 @@ def cached_batches(folder, vit, batch_size: int, workers: int) -> tuple[list, A.
     return cache, base
 
 
+@dataclass
+class Search:
+    """What the search found on the calibration images."""
+
+    pool: list[T.Candidate]  # every candidate, with what it saw
+    rungs: list[dict]
+    front: list[T.Candidate]  # among the candidates that saw every batch
+    chosen: T.Candidate | None
+    unmerged: A.Tally
+
+
 def run_tune(opts: TuneOptions, console: Console | None = None) -> TuneReport:
+    """Search, check the choice on held-out images, write the preset file, its record and picture."""
     console = console or Console(verbosity=0)
     check_tune_options(opts)
     console.plan(5)
@@ -101,119 +112,122 @@ def run_tune(opts: TuneOptions, console: Console | None = None) -> TuneReport:
             calib, held = calib.split(opts.holdout)
         if opts.target.metric == "top1" and not calib.labelled:
             raise UserError("--metric top1 needs labelled calibration images (one subfolder per class)")
-        atm_probe = patch_model(vit, T.MergeConfig())
-        pool = T.candidates(atm_probe.depth, not atm_probe.class_token_head, opts.alphas, opts.betas, opts.theta_mins,
+        probe = patch_model(vit, T.MergeConfig())
+        pool = T.candidates(probe.depth, not probe.class_token_head, opts.alphas, opts.betas, opts.theta_mins,
                             opts.split_layers)
         console.note(f"{len(calib)} calibration images, {len(held)} held out; {len(pool)} candidate settings")
-    with opts_writer(opts) as writer:
+    with open_output(opts.output.parent, opts.force, output_names(opts.output)) as writer:
         with console.step(f"decoding the calibration images and running the unmerged model (batch size {opts.batch_size})"):
-            cache, base = cached_batches(calib, vit, opts.batch_size, opts.workers)
+            cache, unmerged = cached_batches(calib, vit, opts.batch_size, opts.workers)
         with console.step(f"searching: {opts.target.describe()}"):
-            models = {}
-
-            def run(c: T.Candidate, index: int) -> None:
-                atm = models.setdefault(c.name, patch_model(vit, c.config))
-                images, labels, reference = cache[index]
-                pred, seconds = A.timed(A.eager(atm), images)
-                c.tally.add(pred, labels, reference, seconds)
-
-            def on_round(i: int, rounds: int, alive: int) -> None:
-                console.note(f"round {i + 1}/{rounds}: {alive} candidates")
-
-            rungs = T.successive_halving(pool, len(cache), run, opts.target, opts.eta, on_round)
-            done = T.finished(pool, len(cache))
-            front = T.pareto_front(done, opts.target.metric)
-            chosen = T.choose(done, opts.target)
-            run_count = sum(c.batches for c in pool)
-            console.note(f"{run_count} candidate-batches run, against {len(pool) * len(cache)} for every candidate "
-                         f"on every batch")
+            found = search(vit, pool, cache, unmerged, opts, console)
         with console.step(f"checking the choice on {len(held)} held-out images"):
-            chosen_atm = None if chosen is None else patch_model(vit, chosen.config)
-            held_candidates = [] if chosen is None else [Candidate(opts.name, A.eager(chosen_atm),
-                                                                   run_params(chosen.config, chosen_atm))]
-            held_base, held_tallies = evaluate(held, vit, held_candidates, opts.batch_size, Console(verbosity=0),
-                                               opts.workers)
-        report = _report(opts, entry, info, calib, held, rungs, front, chosen, base, held_base, held_tallies,
-                         chosen_atm, vit)
+            report = build_report(opts, entry, info.to_dict(), calib, held, found, vit)
         with console.step(f"writing {opts.output}"):
-            _write(report, opts, writer, pool, chosen, entry, base)
+            _write(report, opts, writer, found, entry)
     return report
 
 
-def opts_writer(opts: TuneOptions):
-    return open_output(opts.output.parent, opts.force, output_names(opts.output))
+def search(vit, pool: list[T.Candidate], cache: list, unmerged: A.Tally, opts: TuneOptions, console: Console) -> Search:
+    """Successive halving over ``pool`` on the cached calibration batches."""
+    models = {}
+
+    def run(c: T.Candidate, index: int) -> None:
+        atm = models.setdefault(c.name, patch_model(vit, c.config))
+        images, labels, reference = cache[index]
+        pred, seconds = A.timed(A.eager(atm), images)
+        c.tally.add(pred, labels, reference, seconds)
+
+    def on_round(i: int, rounds: int, alive: int) -> None:
+        console.note(f"round {i + 1}/{rounds}: {alive} candidates")
+
+    rungs = T.successive_halving(pool, len(cache), run, opts.target, opts.eta, on_round)
+    done = T.finished(pool, len(cache))
+    console.note(f"{sum(c.batches for c in pool)} candidate-batches run, against {len(pool) * len(cache)} for "
+                 "every candidate on every batch")
+    return Search(pool, rungs, T.pareto_front(done, opts.target.metric), T.choose(done, opts.target), unmerged)
 
 
-def _setting(name: str, c: T.Candidate, vit, base: A.Tally, batch_size: int) -> SettingResult:
+def _setting(name: str, c: T.Candidate, vit, unmerged: A.Tally, batch_size: int) -> SettingResult:
     atm = patch_model(vit, c.config)
-    return result(name, c.tally, run_params(c.config, atm), "eager", batch_size, base)
+    return result(name, c.tally, run_params(c.config, atm), "eager", batch_size, unmerged)
 
 
-def _report(opts, entry, info, calib, held, rungs, front, chosen, base, held_base, held_tallies, chosen_atm, vit
-            ) -> TuneReport:
+def build_report(opts: TuneOptions, entry, weights: dict, calib, held, found: Search, vit) -> TuneReport:
+    """The search record, with the chosen setting evaluated on the held-out images."""
     from .evaluate import UNMERGED
 
-    chosen_result = None if chosen is None else _setting(opts.name, chosen, vit, base, opts.batch_size)
-    held_result = None
-    met = None
+    chosen, target = found.chosen, opts.target
+    held_candidates = []
     if chosen is not None:
-        held_result = result(opts.name, held_tallies[opts.name], run_params(chosen.config, chosen_atm), "eager",
-                             opts.batch_size, held_base)
-        t = opts.target
-        met = (held_result.gflops <= t.target_gflops) if t.target_gflops is not None else (
-            held_result.agreement >= t.min_agreement)
-    notes = list(opts.notes)
-    if chosen is None:
-        best = front[0] if opts.target.target_gflops is not None else (front[-1] if front else None)
+        atm = patch_model(vit, chosen.config)
+        held_candidates = [Candidate(opts.name, A.eager(atm), run_params(chosen.config, atm))]
+    held_unmerged, held_tallies = evaluate(held, vit, held_candidates, opts.batch_size, Console(verbosity=0), opts.workers)
+    chosen_result = held_result = met = None
+    notes = []
+    if chosen is not None:
+        chosen_result = _setting(opts.name, chosen, vit, found.unmerged, opts.batch_size)
+        c = held_candidates[0]
+        held_result = result(opts.name, held_tallies[opts.name], c.params, "eager", opts.batch_size, held_unmerged)
+        met = (held_result.gflops <= target.target_gflops if target.target_gflops is not None
+               else held_result.agreement >= target.min_agreement)
+    else:
+        closest = found.front[0] if target.target_gflops is not None else (found.front[-1] if found.front else None)
         notes.append("no setting of the grid meets the target on the calibration images"
-                     + (f"; the closest: {best.name} (GFLOPs {best.tally.gflops:.4f}, agreement "
-                        f"{best.tally.agreement:.4f})" if best else ""))
+                     + (f"; the closest: {closest.name} (GFLOPs {closest.tally.gflops:.4f}, agreement "
+                        f"{closest.tally.agreement:.4f})" if closest else ""))
     return TuneReport(
         schema_version=EVAL_SCHEMA_VERSION, atm_export_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
-        weights=info.to_dict(), target=opts.target.to_dict(), calibration=calib.to_dict(), held_out=held.to_dict(),
-        batch_size=opts.batch_size, rungs=rungs,
-        front=[_setting(c.name, c, vit, base, opts.batch_size) for c in front],
+        weights=weights, target=target.to_dict(), calibration=calib.to_dict(), held_out=held.to_dict(),
+        batch_size=opts.batch_size, rungs=found.rungs,
+        front=[_setting(c.name, c, vit, found.unmerged, opts.batch_size) for c in found.front],
         chosen=chosen_result, chosen_held_out=held_result,
-        unmerged_held_out=result(UNMERGED, held_base, {"policy": "none"}, "eager", opts.batch_size),
+        unmerged_held_out=result(UNMERGED, held_unmerged, {"policy": "none"}, "eager", opts.batch_size),
         met_on_held_out=met, preset_file=None if chosen is None else str(opts.output), notes=notes)
 
 
-def _write(report: TuneReport, opts: TuneOptions, writer, pool, chosen, entry, base: A.Tally) -> None:
-    from ..report import plots
-
+def _write(report: TuneReport, opts: TuneOptions, writer, found: Search, entry) -> None:
+    """The front's picture, the search record, and the preset file (when a setting was chosen)."""
     preset_name, record, picture = output_names(opts.output)
-    metric = opts.target.metric
+    plot_front(report, found, opts.target.metric, writer.path(picture))
+    writer.write_text(record, json.dumps(report.to_dict(), indent=2) + "\n")
+    if found.chosen is None:
+        return
+    c, h = report.chosen, report.chosen_held_out
+
+    def figures(r: SettingResult) -> str:
+        top = "" if r.top1 is None else f", top-1 {r.top1:.2f}"
+        return f"{r.images} images: GFLOPs {r.gflops:.4f}, agreement {r.agreement:.4f}{top}"
+
+    source = (f"{opts.command or 'atm-export tune'}: {opts.target.describe()}; calibration {figures(c)}; "
+              f"held-out {figures(h)} ({'met' if report.met_on_held_out else 'missed'} the target); "
+              f"batch size {opts.batch_size}")
+    held = {"gflops": round(h.gflops, 4), "agreement": round(h.agreement, 4),
+            "top1": None if h.top1 is None else round(h.top1, 2)}
+    comments = [f"written by atm-export {__version__} tune on {report.created}",
+                f"use with: atm-export {entry.display_name} --preset-file {opts.output.name}",
+                f"figures: on the held-out images (the search record is {record})"]
+    writer.write_text(preset_name, preset_file_text(entry, opts.name, found.chosen.config, held, source, comments))
+
+
+def plot_front(report: TuneReport, found: Search, metric: str, path) -> None:
+    """The front (with the unmerged model and the choice) over every candidate tried."""
+    from ..report import plots
 
     def value(r: SettingResult) -> float:
         return r.top1 if metric == "top1" else r.agreement
 
+    base = found.unmerged
     points = [("unmerged", base.gflops, base.top1 if metric == "top1" else 1.0)]
-    chosen_params = report.chosen.params if report.chosen is not None else None
-    points += [(r.name, r.gflops, value(r)) for r in report.front if r.params != chosen_params]
-    others = [(c.tally.gflops, c.tally.top1 if metric == "top1" else c.tally.agreement) for c in pool if c.tally.images]
-    highlight = []
-    if report.chosen is not None:
-        points.append((report.chosen.name, report.chosen.gflops, value(report.chosen)))
-        highlight = [report.chosen.name]
-    plots.plot_accuracy_front(points, writer.path(picture), "top-1 (%)" if metric == "top1" else "agreement with unmerged",
+    chosen = report.chosen
+    points += [(r.name, r.gflops, value(r)) for r in report.front if chosen is None or r.params != chosen.params]
+    if chosen is not None:
+        points.append((chosen.name, chosen.gflops, value(chosen)))
+    others = [(c.tally.gflops, c.tally.top1 if metric == "top1" else c.tally.agreement) for c in found.pool
+              if c.tally.images]
+    plots.plot_accuracy_front(points, path, "top-1 (%)" if metric == "top1" else "agreement with unmerged",
                               title=f"{report.model.name}: tune front on {report.calibration['images']} calibration images",
-                              highlight=highlight, others=others,
-                              others_label="candidates, on the images they reached before being dropped")
-    writer.write_text(record, json.dumps(report.to_dict(), indent=2) + "\n")
-    if chosen is None:
-        return
-    c, h = report.chosen, report.chosen_held_out
-    source = (f"{opts.command or 'atm-export tune'}: {opts.target.describe()}; calibration {c.images} images: "
-              f"GFLOPs {c.gflops:.4f}, agreement {c.agreement:.4f}"
-              + (f", top-1 {c.top1:.2f}" if c.top1 is not None else "")
-              + f"; held-out {h.images} images: GFLOPs {h.gflops:.4f}, agreement {h.agreement:.4f}"
-              + (f", top-1 {h.top1:.2f}" if h.top1 is not None else "")
-              + f" ({'met' if report.met_on_held_out else 'missed'} the target); batch size {opts.batch_size}")
-    figures = {"gflops": round(h.gflops, 4), "agreement": round(h.agreement, 4),
-               "top1": None if h.top1 is None else round(h.top1, 2)}
-    comments = [f"written by atm-export {__version__} tune on {report.created}",
-                f"use with: atm-export {entry.display_name} --preset-file {opts.output.name}",
-                "figures: on the held-out images (the search record is in " + record + ")"]
-    writer.write_text(preset_name, preset_file_text(entry, opts.name, chosen.config, figures, source, comments))
+                              highlight=[chosen.name] if chosen is not None else [], others=others,
+                              others_label="candidates, on the images they reached before being dropped", front=True)

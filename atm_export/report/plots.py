@@ -154,30 +154,37 @@ def plot_accuracy_front(
     highlight: list[str] | None = None,
     others: list[tuple[float, float]] | None = None,
     others_label: str = "candidates",
+    front: bool = False,
 ) -> Path:
-    """Accuracy (or agreement) against GFLOPs: one labelled marker per setting.
+    """Accuracy (or agreement) against GFLOPs: one marker per setting.
 
     points: (name, GFLOPs, value) per setting, the unmerged model among them; highlight: names
     drawn larger (e.g. the setting tune chose); others: (GFLOPs, value) of settings drawn as
-    small grey dots without labels (e.g. every candidate tune tried).
+    small grey dots (e.g. every candidate tune tried). front: the points are a Pareto front:
+    joined by a line, and only "unmerged" and the highlighted ones labelled (the rest would
+    crowd); otherwise every point is labelled and none joined.
     """
     if not points:
         raise ValueError("no settings to plot")
+    highlight = highlight or []
     fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot()
     if others:
         xs, ys = zip(*others)
         ax.scatter(xs, ys, s=8, color="0.7", label=others_label, zorder=1)
-    front = sorted(points, key=lambda p: p[1])
-    ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:blue", alpha=0.4, zorder=2)
-    for name, gflops, value in front:
-        big = bool(highlight) and name in highlight
+    ordered = sorted(points, key=lambda p: p[1])
+    if front:
+        ax.plot([p[1] for p in ordered], [p[2] for p in ordered], color="tab:blue", alpha=0.4, zorder=2,
+                label="front")
+    for name, gflops, value in ordered:
+        big = name in highlight
         ax.scatter([gflops], [value], s=60 if big else 25, color="tab:red" if big else "tab:blue", zorder=3)
-        ax.annotate(name, (gflops, value), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        if not front or big or name == "unmerged":
+            ax.annotate(name, (gflops, value), textcoords="offset points", xytext=(4, 4), fontsize="small")
     ax.set_xlabel("GFLOPs per image (realised mean)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if others:
-        ax.legend(fontsize="small")
+    if others or front:
+        ax.legend(fontsize="small", loc="lower right")
     return save_png(fig, path)
