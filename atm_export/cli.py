@@ -324,7 +324,8 @@ def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset
 @cli.command("build-plugin")
 @click.option("--build-dir", type=click.Path(file_okay=False), help="Build directory (default: plugins/build of the checkout).")
 @click.option("--tensorrt-root", type=click.Path(file_okay=False), help="TensorRT install with include/ and lib/ (default: $TENSORRT_ROOT).")
-@click.option("--cuda-arch", help='CUDA architectures, e.g. "90" or "80;90" (default: 80;90).')
+@click.option("--cuda-arch", help='CUDA architectures, e.g. "90", "80;90" or "native" (default: '
+                                  '75-real;80-real;86-real;89-real;90, i.e. SASS for 7.5 to 9.0 and PTX for newer).')
 @click.option("--kernels-only", is_flag=True, help="Build only the CUDA kernel library (no TensorRT needed).")
 def build_plugin_cmd(build_dir, tensorrt_root, cuda_arch, kernels_only):
     """Build the TokenMerge CUDA kernels and TensorRT plugin libraries with CMake and nvcc."""

@@ -178,7 +178,7 @@ def build(
 
     targets: CMake targets to build (default: everything TensorRT allows, see the module doc);
     ``(KERNELS,)`` builds only the kernel library. cuda_architectures: e.g. "90" (default
-    $ATM_CUDA_ARCHITECTURES, else the CMake default "80;90").
+    $ATM_CUDA_ARCHITECTURES, else plugins/CMakeLists.txt's default "75-real;80-real;86-real;89-real;90").
     """
     cmake, nvcc = check_build_tools()
     source = plugin_source_dir()

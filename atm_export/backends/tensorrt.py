@@ -88,6 +88,28 @@ class EngineSpec:
     workspace_gib: float = 4.0
 
 
+def precision_flags(flags, precision: str) -> tuple[list, list, dict]:
+    """The builder flags to set and to clear for ``precision``, found by feature, not by version:
+    ``flags`` is ``tensorrt.BuilderFlag``. Returns (set, clear, what to record in the report).
+
+    - fp32: TF32 off. TensorRT enables TF32 by default on Ampere and newer (about 1e-3 relative
+      error), which fp32 parity against eager PyTorch (1e-4) would not survive.
+    - fp16: the FP16 flag where the bindings have it. TensorRT 11 has none: its networks are
+      always strongly typed, so fp16 comes from an fp16-typed graph, which atm-export does not
+      export yet: a clear error instead of an AttributeError.
+    """
+    if precision == "fp16":
+        if not hasattr(flags, "FP16"):
+            raise UserError("this TensorRT builds strongly typed networks only (its BuilderFlag has no FP16, as in "
+                            "TensorRT 11): an fp16 engine needs an fp16-typed ONNX export, which atm-export does not "
+                            "write yet; use --trt-precision fp32")
+        return [flags.FP16], [], {"builder_flags": ["FP16"], "tf32": hasattr(flags, "TF32")}
+    if precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}")
+    clear = [flags.TF32] if hasattr(flags, "TF32") else []
+    return [], clear, {"builder_flags": [], "tf32": False}
+
+
 def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None,
                  needs_plugin: bool = True) -> bytes:
     """Parse ``model.plugin.onnx`` (with the plugin loaded) and build a serialized engine.
@@ -110,8 +132,11 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | N
         raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * (1 << 30)))
-    if spec.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    set_flags, clear_flags, _ = precision_flags(trt.BuilderFlag, spec.precision)
+    for flag in set_flags:
+        config.set_flag(flag)
+    for flag in clear_flags:
+        config.clear_flag(flag)
     shape = tuple(network.get_input(0).shape)[1:]
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (spec.min_batch, *shape), (spec.opt_batch, *shape), (spec.max_batch, *shape))

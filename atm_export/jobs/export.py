@@ -118,7 +118,12 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
     if engines:
         from ..backends.tensorrt import load_plugin
 
+        import tensorrt
+
+        from ..backends.tensorrt import precision_flags
+
         load_plugin(opts.trt_plugin)  # a missing plugin fails now, not after the export
+        precision_flags(tensorrt.BuilderFlag, opts.trt_precision)  # so does fp16 on a strongly typed TensorRT
     return entry, settings, engines
 
 
@@ -191,7 +196,10 @@ def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: Artifa
         writer.path("model.engine").write_bytes(bundle.engine)
         if bundle.baseline is not None:
             bundle.engine_baseline = trt.build_engine_from_model(bundle.baseline, spec)
-        bundle.engine_info = {**trt.device_info(), "precision": spec.precision,
+        import tensorrt
+
+        _, _, flags = trt.precision_flags(tensorrt.BuilderFlag, spec.precision)
+        bundle.engine_info = {**trt.device_info(), "precision": spec.precision, **flags,
                               "profile": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
                               "plugin_library": str(trt.load_plugin(opts.trt_plugin))}
 

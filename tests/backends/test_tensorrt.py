@@ -3,6 +3,8 @@ build and run are tested where TensorRT and a GPU exist, and skipped elsewhere w
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from atm_export.backends import tensorrt as trt_backend
@@ -65,3 +67,21 @@ def test_engine_matches_eager_pytorch(tmp_path, flat_images):
         assert any(b["status"] == PASSED for b in result["batches"].values())
         with pytest.raises(UserError, match="outside the engine's optimization profile"):
             runner.run(take_batch(flat_images, 9).numpy())
+
+
+# The builder flags for a precision are chosen by what the bindings offer. These stand-ins list
+# the members of tensorrt.BuilderFlag that matter, as TensorRT 10 and TensorRT 11 have them.
+TRT10_FLAGS = SimpleNamespace(FP16="FP16", TF32="TF32", INT8="INT8")
+TRT11_FLAGS = SimpleNamespace(TF32="TF32")  # strongly typed: no FP16 flag
+
+
+@pytest.mark.parametrize("flags", [TRT10_FLAGS, TRT11_FLAGS], ids=["trt10", "trt11"])
+def test_fp32_builds_turn_tf32_off(flags):
+    set_flags, clear_flags, record = trt_backend.precision_flags(flags, "fp32")
+    assert set_flags == [] and clear_flags == ["TF32"] and record["tf32"] is False
+
+
+def test_fp16_uses_the_flag_where_it_exists_and_says_why_where_it_does_not():
+    assert trt_backend.precision_flags(TRT10_FLAGS, "fp16")[0] == ["FP16"]
+    with pytest.raises(UserError, match="strongly typed .*--trt-precision fp32"):
+        trt_backend.precision_flags(TRT11_FLAGS, "fp16")
