@@ -156,8 +156,14 @@ def _overrides(kw: dict) -> dict:
               help="... and at least this many seconds (fast calls get many runs).")
 @click.option("--bench-schedule", help="Replay a fixed token schedule: gflops:3.2, a report.json, or 197,180,...")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True, help="Build and check a TensorRT engine when TensorRT is installed.")
-@click.option("--trt-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--trt-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Engine precision. fp32 builds with TF32 off (so parity holds at 1e-4); fp16 needs a TensorRT "
+                   "with the FP16 builder flag (TensorRT 10; TensorRT 11 is strongly typed).")
 @click.option("--trt-plugin", type=click.Path(dir_okay=False), help="TokenMerge plugin library (default: the one `atm-export build-plugin` built).")
+@click.option("--trt-min-batch", type=click.IntRange(min=1), help="Engine: smallest batch it accepts (default 1).")
+@click.option("--trt-opt-batch", type=click.IntRange(min=1), help="Engine: batch TensorRT tunes for (default: --batch-size).")
+@click.option("--trt-max-batch", type=click.IntRange(min=1),
+              help="Engine: largest batch it accepts (default: the largest batch this run checks or benchmarks).")
 @click.option("--visualize", is_flag=True, help="Draw merge maps of the sample images (merge_maps.png).")
 @click.option("--visualize-blocks", callback=lambda c, p, v: _int_list(v, 1, "expected block numbers of at least 1"),
               help="Blocks after which to draw the merge maps (default: the split layer and the last merge).")

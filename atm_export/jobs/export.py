@@ -55,6 +55,9 @@ class JobOptions:
     tensorrt: bool = True
     trt_precision: str = "fp32"
     trt_plugin: str | None = None
+    trt_min_batch: int | None = None  # the engine's batch range; None: from the batches this run uses
+    trt_opt_batch: int | None = None
+    trt_max_batch: int | None = None
     visualize: bool = False
     visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
 
@@ -114,6 +117,8 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
         raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
     if opts.bench_runs < 1 or opts.bench_time < 0:
         raise UserError("--bench-runs must be at least 1 and --bench-time not negative")
+    if opts.export and opts.tensorrt:
+        engine_batches(opts)  # a bad batch range fails now, even where no engine can be built here
     engines = opts.export and opts.tensorrt and unavailable_reason() is None
     if engines:
         from ..backends.tensorrt import load_plugin
@@ -186,11 +191,30 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
     return bundle
 
 
+def engine_batches(opts: JobOptions) -> tuple[int, int, int]:
+    """The engine's optimisation profile (min, opt, max batch): ``--trt-*-batch`` where given;
+    otherwise 1, the sample batch, and the largest batch this run runs on the engine. UserError
+    when the range is empty or leaves out a batch the run's parity or benchmark needs."""
+    needed = [opts.batch_size, *opts.parity_batches, *(opts.bench_batches if opts.benchmark else ())]
+    low = 1 if opts.trt_min_batch is None else opts.trt_min_batch
+    high = max(needed) if opts.trt_max_batch is None else opts.trt_max_batch
+    opt = opts.trt_opt_batch if opts.trt_opt_batch is not None else min(max(opts.batch_size, low), high)
+    if not 1 <= low <= opt <= high:
+        raise UserError(f"the TensorRT batch range needs 1 <= --trt-min-batch <= --trt-opt-batch <= --trt-max-batch; "
+                        f"got {low}, {opt}, {high}")
+    outside = sorted({b for b in needed if not low <= b <= high})
+    if outside:
+        raise UserError(f"this run checks and benchmarks the engine at batch sizes {outside}, outside --trt-min-batch "
+                        f"{low} .. --trt-max-batch {high}; widen the range, or change --batch-size, --parity-batches "
+                        "or --bench-batches")
+    return low, opt, high
+
+
 def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: ArtifactWriter, console: Console) -> None:
     from ..backends import tensorrt as trt
 
-    batches = [model.batch.shape[0], *opts.parity_batches, *(opts.bench_batches if opts.benchmark else ())]
-    spec = trt.EngineSpec(min_batch=1, opt_batch=model.batch.shape[0], max_batch=max(batches), precision=opts.trt_precision)
+    low, opt, high = engine_batches(opts)
+    spec = trt.EngineSpec(min_batch=low, opt_batch=opt, max_batch=high, precision=opts.trt_precision)
     with console.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
         bundle.engine = trt.build_engine(writer.path("model.plugin.onnx"), spec, opts.trt_plugin)
         writer.path("model.engine").write_bytes(bundle.engine)
