@@ -117,6 +117,8 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
         raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
     if opts.bench_runs < 1 or opts.bench_time < 0:
         raise UserError("--bench-runs must be at least 1 and --bench-time not negative")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.export and opts.tensorrt:
         engine_batches(opts)  # a bad batch range fails now, even where no engine can be built here
     engines = opts.export and opts.tensorrt and unavailable_reason() is None
