@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .flops import ViTDims, baseline_gflops, image_macs, run_gflops
+from .schedule import r_from_tokens
 
 
 @dataclass
@@ -68,7 +69,7 @@ def exported(runner, atm) -> Evaluator:
     def run(images: torch.Tensor) -> Predictions:
         out = runner.run(images.numpy())
         tokens = out.tokens or [dims.num_tokens] * dims.depth
-        r = [a - b for a, b in zip(tokens, tokens[1:])] + [0]
+        r = r_from_tokens(tokens, atm.num_protected, atm.class_token_head)
         gflops = image_macs(dims, tokens, r, merges, atm.class_token_head) / 1e9
         return Predictions(torch.from_numpy(out.logits), gflops, [float(t) for t in tokens])
 
@@ -142,6 +143,16 @@ def timed(evaluator: Evaluator, images: torch.Tensor) -> tuple[Predictions, floa
     start = time.perf_counter()
     pred = evaluator(images)
     return pred, time.perf_counter() - start
+
+
+def score_reference(tally: Tally, reference: Evaluator, images: torch.Tensor, labels: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """Run the unmerged model (``reference``) on one batch and add it to ``tally``; returns its
+    predicted classes [B], the reference for every setting's agreement on this batch."""
+    pred, seconds = timed(reference, images)
+    predicted = top1(pred.logits)
+    tally.add(pred, labels, predicted, seconds)
+    return predicted
 
 
 def score_batch(tallies: dict[str, Tally], evaluators: dict[str, Evaluator], images: torch.Tensor,

@@ -299,7 +299,7 @@ def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset
     disagrees with eager PyTorch, or (with --data) accuracy falls below the limits; 2: the
     directory or its files cannot be read.
     """
-    from .jobs.check import check_artifacts
+    from .jobs.check import check_artifacts, open_artifacts
     from .jobs.gate import GateOptions, check_preset, run_gate
 
     gate = None
@@ -312,14 +312,16 @@ def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset
     if preset is not None and preset_file is None:
         raise UserError("--preset needs --preset-file (the registry's presets are checked through report.json)")
     console = _console(quiet, verbose)
+    # read the artifacts and rebuild the model once, when more than the checks need them
+    opened = open_artifacts(Path(directory), weights) if preset_file or gate is not None else None
     result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, console=console, atol=atol, rtol=rtol,
-                             more_steps=gate is not None)
+                             more_steps=gate is not None, opened=opened)
     if preset_file:
-        check_preset(Path(directory), preset_file, preset, weights)
+        check_preset(*opened, preset_file, preset)
     click.echo(f"{directory}: artifacts match their report{' and ' + preset_file if preset_file else ''}; "
                f"parity {_statuses(result)}")
     if gate is not None:
-        outcome = run_gate(Path(directory), gate, weights, console)
+        outcome = run_gate(Path(directory), *opened, gate, console)
         from .report.accuracy import gate_lines
 
         for line in gate_lines(outcome):

@@ -61,7 +61,8 @@ class Console:
     def progress(self, total: int, unit: str):
         """A bar over ``total`` items on a terminal; yields ``advance(line, postfix)``, where
         ``line`` says what the item came to (printed as a plain line when not on a terminal, or
-        with -v) and ``postfix`` is a short form of it shown beside the bar. The bar's clock keeps running while an item takes long (an export, a slow measurement)."""
+        with -v) and ``postfix`` is a short form of it shown beside the bar. The bar's clock
+        keeps running while an item takes long (an export, a slow measurement)."""
         bar = None
         if self.verbosity >= 1 and self.interactive:
             from tqdm import tqdm

@@ -30,9 +30,9 @@ def run_benchmark(bundle: Bundle, model: Model, flops: Flops, opts, console: Con
         description = f"a fixed token schedule {tokens} ({gflops:.2f} GFLOPs)"
         if bundle.engine is not None:
             from ..backends import tensorrt as trt
+            from .export import engine_spec
 
-            timed.engine = trt.build_engine_from_model(timed.plugin, trt.EngineSpec(1, model.batch.shape[0],
-                                                                                     max(opts.bench_batches)))
+            timed.engine = trt.build_engine_from_model(timed.plugin, engine_spec(opts), opts.trt_plugin)
     names = [n for n in NAMES if not unavailable(n, timed) and (opts.tensorrt or not n.startswith("tensorrt"))]
     inputs = {b: take_batch(model.batch, b).numpy() for b in opts.bench_batches}
     with console.step(f"benchmark: {len(names)} backends at batch sizes {list(opts.bench_batches)}"):

@@ -173,10 +173,12 @@ def open_artifacts(directory: Path, weights: str | None = None) -> tuple[Report,
 
 
 def check_artifacts(directory: Path, weights: str | None = None, strict: bool = False, console: Console | None = None,
-                    atol: float | None = None, rtol: float | None = None, more_steps: int = 0) -> dict[str, BackendParity]:
+                    atol: float | None = None, rtol: float | None = None, more_steps: int = 0,
+                    opened: tuple[Report, Bundle] | None = None) -> dict[str, BackendParity]:
     """Validate the artifacts in ``directory``. Raises ArtifactMismatchError when they or the
     report's figures do not match the report, ParityError on a parity failure. Returns the
-    parity results. more_steps: steps the caller runs after these (for the numbering)."""
+    parity results. more_steps: steps the caller runs after these (for the numbering);
+    opened: what ``open_artifacts`` gave, when the caller has it already."""
     from ..backends import unavailable
     from ..images import take_batch
     from ..parity import reference_run
@@ -184,7 +186,7 @@ def check_artifacts(directory: Path, weights: str | None = None, strict: bool = 
     console = console or Console(verbosity=0)
     console.plan(4 + more_steps)
     with console.step(f"rebuilding the eager model from {directory / 'report.json'}"):
-        report, bundle = open_artifacts(directory, weights)
+        report, bundle = opened or open_artifacts(directory, weights)
         atm, vit = bundle.atm, bundle.vit
         source = report.images["source"]
         batch, _ = sample_batch(vit, None if source == "builtin" else source, report.images["count"])

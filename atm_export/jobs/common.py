@@ -3,6 +3,7 @@ sample run (so that ``check`` can recompute it), and parity of a bundle's backen
 
 from __future__ import annotations
 
+import datetime
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..images import builtin_images, load_images, preprocess, require_finite
 from ..parity import Reference, check_backend, ort_extra_checks, tolerance_for
 from ..patch import ATMVisionTransformer
 from ..registry import ModelEntry
-from ..report.model import BackendParity, Flops, Tokens, load_section
+from ..report.model import BackendParity, Flops, ModelInfo, Tokens, load_section
 from ..schedule import MergeConfig
 from ..settings import Settings
 from ..weights import WeightsInfo
@@ -72,6 +73,16 @@ def run_tokens(stats) -> Tokens:
     per_block = list(zip(*stats.per_image_tokens))
     return Tokens(mean=[float(t) for t in stats.tokens_per_layer], min=[int(min(b)) for b in per_block],
                   max=[int(max(b)) for b in per_block], merged=[float(r) for r in stats.r_per_layer])
+
+
+def created() -> str:
+    """When a report is made: UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def model_info(entry: ModelEntry) -> ModelInfo:
+    """The model as every report names it."""
+    return ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model)
 
 
 def environment() -> dict:

@@ -8,7 +8,6 @@ are evaluated) are staged and written only when the whole evaluation completes.
 
 from __future__ import annotations
 
-import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,9 @@ from ..patch import patch_model
 from ..preset_file import file_default_preset, with_preset_file
 from ..registry import ModelEntry, resolve_model
 from ..report.accuracy import EVAL_SCHEMA_VERSION, EvalReport, SettingResult, eval_markdown
-from ..report.model import ModelInfo
 from ..settings import FIXED_POLICIES, Settings, resolve_settings
 from ..weights import create_model
-from .common import environment, run_params
+from .common import created, environment, model_info, run_params
 
 #: The default batch size. The paper evaluates at 1024 (its Table A1 finds accuracy insensitive
 #: to the batch size); 256 keeps a ViT-B batch within a few GB on a CPU machine.
@@ -106,9 +104,7 @@ def evaluate(folder: ImageFolder, vit, candidates: list[Candidate], batch_size: 
     total = -(-len(folder) // batch_size)
     with console.progress(total, "batch") as advance:
         for images, labels in batches(folder, vit, batch_size, workers):
-            pred, seconds = A.timed(reference, images)
-            predicted = A.top1(pred.logits)
-            base.add(pred, labels, predicted, seconds)
+            predicted = A.score_reference(base, reference, images, labels)
             A.score_batch(tallies, evaluators, images, labels, predicted)
             advance(running_line(base, tallies), postfix=running_line(base, tallies, short=True))
     return base, tallies
@@ -218,8 +214,8 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> EvalReport:
             base, tallies = evaluate(folder, vit, candidates, opts.batch_size, console, opts.workers)
         report = EvalReport(
             schema_version=EVAL_SCHEMA_VERSION, atm_export_version=__version__,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
+            created=created(),
+            model=model_info(entry),
             weights=weights, data=folder.to_dict(), batch_size=opts.batch_size,
             results=results(base, tallies, candidates, opts.batch_size),
             warnings=[weights["warning"]] if weights.get("warning") else [], environment=environment())

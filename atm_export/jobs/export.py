@@ -18,8 +18,8 @@ from ..console import Console
 from ..errors import ParityError, UserError
 from ..export.bundle import Bundle
 from ..images import take_batch
-from ..parity import reference_run
-from ..patch import RunStats, patch_model
+from ..parity import Reference, reference_run
+from ..patch import patch_model
 from ..registry import ModelEntry
 from ..report.model import Flops, Report
 from ..settings import Settings, settings_for
@@ -73,11 +73,13 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
             console.note(f"removed {len(writer.removed_stale)} staging director"
                          f"{'y' if len(writer.removed_stale) == 1 else 'ies'} left in {opts.output} by killed runs")
         model = load(opts, entry, settings, console)
-        stats, flops = run_sample(model, console)
+        sample_ref, flops = run_sample(model, console)
+        stats = sample_ref.stats
         skipped: dict[str, str] = {}
         bundle = export(model, stats, opts, writer, skipped, console, engines)
         names = compared_backends(bundle, opts, skipped)
-        parity = check_parity(bundle, names, [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)],
+        refs = [sample_ref] + [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)[1:]]
+        parity = check_parity(bundle, names, refs,
                               console, strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
                               precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
         benchmark = run_benchmark(bundle, model, flops, opts, console) if opts.benchmark else None
@@ -147,15 +149,16 @@ def load(opts: JobOptions, entry: ModelEntry, settings: Settings, console: Conso
     return Model(entry, settings, atm, weights, batch, images)
 
 
-def run_sample(model: Model, console: Console) -> tuple[RunStats, Flops]:
-    """Eager ATM on the sample batch: its statistics and GFLOPs."""
+def run_sample(model: Model, console: Console) -> tuple[Reference, Flops]:
+    """Eager ATM on the sample batch, with its decisions recorded: the parity reference of the
+    sample batch (its ``stats`` give the report's token counts) and its GFLOPs."""
     with console.step(f"running ATM on the {model.images['count']} sample images"):
-        with torch.inference_mode():
-            _, stats = model.atm.run(model.batch)
+        sample_ref = reference_run(model.atm, model.batch)
+        stats = sample_ref.stats
         flops = run_flops(model.atm, stats)
         console.note(f"GFLOPs {flops.baseline:.2f} -> {flops.atm:.2f}; tokens entering each block "
                      f"{[round(t, 1) for t in stats.tokens_per_layer]}")
-    return stats, flops
+    return sample_ref, flops
 
 
 def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skipped: dict, console: Console,
@@ -212,11 +215,18 @@ def engine_batches(opts: JobOptions) -> tuple[int, int, int]:
     return low, opt, high
 
 
+def engine_spec(opts: JobOptions):
+    """The EngineSpec of every engine the run builds (batch range and precision)."""
+    from ..backends.tensorrt import EngineSpec
+
+    low, opt, high = engine_batches(opts)
+    return EngineSpec(min_batch=low, opt_batch=opt, max_batch=high, precision=opts.trt_precision)
+
+
 def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: ArtifactWriter, console: Console) -> None:
     from ..backends import tensorrt as trt
 
-    low, opt, high = engine_batches(opts)
-    spec = trt.EngineSpec(min_batch=low, opt_batch=opt, max_batch=high, precision=opts.trt_precision)
+    spec = engine_spec(opts)
     with console.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
         bundle.engine = trt.build_engine(writer.path("model.plugin.onnx"), spec, opts.trt_plugin)
         writer.path("model.engine").write_bytes(bundle.engine)

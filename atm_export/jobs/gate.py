@@ -24,9 +24,11 @@ from ..errors import AccuracyGateError, ArtifactMismatchError, UserError
 from ..preset_file import file_default_preset, with_preset_file
 from ..registry import resolve_model
 from ..report.accuracy import GateResult, gate_lines
-from .check import config_from_report, open_artifacts
+from ..export.bundle import Bundle
+from ..report.model import Report
+from .check import config_from_report
 from .common import run_params
-from .evaluate import DEFAULT_BATCH_SIZE, UNMERGED, Candidate, evaluate, result
+from .evaluate import DEFAULT_BATCH_SIZE, Candidate, evaluate, results
 
 GATE_FILE = "accuracy_gate.json"
 COMPARED = ("policy", "alpha", "beta", "theta_min", "split_layer")
@@ -51,11 +53,11 @@ class GateOptions:
             raise UserError(f"--max-top1-drop must not be negative, got {self.max_top1_drop}")
 
 
-def preset_differences(directory: Path, preset_file: str, preset: str | None, weights: str | None = None) -> list[str]:
-    """Where the artifacts' settings differ from ``preset_file``'s preset (both as run)."""
+def preset_differences(report: Report, bundle: Bundle, preset_file: str, preset: str | None) -> list[str]:
+    """Where the artifacts' settings (``report``, ``bundle``: from ``open_artifacts``) differ from
+    ``preset_file``'s preset (both as run)."""
     from ..patch import patch_model
 
-    report, bundle = open_artifacts(directory, weights)
     entry = with_preset_file(resolve_model(report.model.name), preset_file)
     name = file_default_preset(preset_file, entry, preset) or preset
     config = entry.preset(name).config
@@ -65,20 +67,21 @@ def preset_differences(directory: Path, preset_file: str, preset: str | None, we
             f"{wanted.get(key)!r}" for key in COMPARED if made.get(key) != wanted.get(key)]
 
 
-def check_preset(directory: Path, preset_file: str, preset: str | None, weights: str | None = None) -> None:
+def check_preset(report: Report, bundle: Bundle, preset_file: str, preset: str | None) -> None:
     """ArtifactMismatchError when the artifacts were not made with ``preset_file``'s preset."""
-    problems = preset_differences(directory, preset_file, preset, weights)
+    problems = preset_differences(report, bundle, preset_file, preset)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ArtifactMismatchError(problems[0] + more)
 
 
-def run_gate(directory: Path, gate: GateOptions, weights: str | None = None, console: Console | None = None) -> GateResult:
-    """Evaluate the artifacts' settings against the unmerged model on ``gate.data``; write the
-    JSON file; raise AccuracyGateError when a limit is not met."""
+def run_gate(directory: Path, report: Report, bundle: Bundle, gate: GateOptions,
+             console: Console | None = None) -> GateResult:
+    """Evaluate the artifacts' settings (``report``, ``bundle``: from ``open_artifacts`` on
+    ``directory``) against the unmerged model on ``gate.data``; write the JSON file; raise
+    AccuracyGateError when a limit is not met."""
     console = console or Console(verbosity=0)
     gate.check()
-    report, bundle = open_artifacts(directory, weights)
     vit, atm = bundle.vit, bundle.atm
     folder = open_folder(gate.data, vit.num_classes, "--data", gate.limit)
     if gate.max_top1_drop is not None and not folder.labelled:
@@ -88,8 +91,7 @@ def run_gate(directory: Path, gate: GateOptions, weights: str | None = None, con
     with console.step(f"accuracy gate: {name} against the unmerged model on {len(folder)} images "
                       f"(batch size {gate.batch_size})"):
         base, tallies = evaluate(folder, vit, [candidate], gate.batch_size, console, gate.workers)
-    unmerged = result(UNMERGED, base, {"policy": "none"}, "eager", gate.batch_size)
-    merged = result(name, tallies[name], candidate.params, "eager", gate.batch_size, base)
+    unmerged, merged = results(base, tallies, [candidate], gate.batch_size)
     failures = []
     if gate.min_agreement is not None and merged.agreement < gate.min_agreement:
         failures.append(f"agreement {merged.agreement:.4f} is below --min-agreement {gate.min_agreement}")

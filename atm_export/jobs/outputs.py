@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import torch
@@ -14,8 +13,8 @@ from ..console import Console
 from ..errors import UserError
 from ..export.bundle import Bundle
 from ..patch import patch_model
-from ..report.model import SCHEMA_VERSION, Benchmark, Flops, ModelInfo, Report, SettingsInfo
-from .common import Model, environment, run_params, run_tokens
+from ..report.model import SCHEMA_VERSION, Benchmark, Flops, Report, SettingsInfo
+from .common import Model, created, environment, model_info, run_params, run_tokens
 
 
 def build_report(model: Model, stats, flops: Flops, parity: dict, benchmark: Benchmark | None, bundle: Bundle,
@@ -27,8 +26,8 @@ def build_report(model: Model, stats, flops: Flops, parity: dict, benchmark: Ben
                        "atm": preset.gflops if preset and not preset.borrowed_from else None}
     report = Report(
         schema_version=SCHEMA_VERSION, status="passed", atm_export_version=__version__,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
+        created=created(),
+        model=model_info(entry),
         settings=SettingsInfo(**model.settings.to_dict(), params=run_params(model.settings.config, model.atm)),
         weights=model.weights.to_dict(), images=model.images, flops=flops, tokens=run_tokens(stats),
         parity=parity, benchmark=benchmark, tensorrt=bundle.engine_info, skipped=skipped,

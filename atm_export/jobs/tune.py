@@ -9,7 +9,6 @@ registry's format, with the search record (FILE.json) and the front it found (FI
 
 from __future__ import annotations
 
-import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,9 @@ from ..patch import patch_model
 from ..preset_file import preset_file_text
 from ..registry import resolve_model
 from ..report.accuracy import EVAL_SCHEMA_VERSION, SettingResult, TuneReport
-from ..report.model import ModelInfo
 from ..weights import create_model
-from .common import run_params
-from .evaluate import DEFAULT_BATCH_SIZE, Candidate, evaluate, result
+from .common import created, model_info, run_params
+from .evaluate import DEFAULT_BATCH_SIZE, Candidate, evaluate, result, results
 
 DEFAULT_HOLDOUT = 0.2
 
@@ -79,10 +77,7 @@ def cached_batches(folder, vit, batch_size: int, workers: int) -> tuple[list, A.
     reference = A.unmerged(vit)
     cache, base = [], A.Tally()
     for images, labels in batches(folder, vit, batch_size, workers):
-        pred, seconds = A.timed(reference, images)
-        predicted = A.top1(pred.logits)
-        base.add(pred, labels, predicted, seconds)
-        cache.append((images, labels, predicted))
+        cache.append((images, labels, A.score_reference(base, reference, images, labels)))
     return cache, base
 
 
@@ -155,20 +150,18 @@ def _setting(name: str, c: T.Candidate, vit, unmerged: A.Tally, batch_size: int)
 
 def build_report(opts: TuneOptions, entry, weights: dict, calib, held, found: Search, vit) -> TuneReport:
     """The search record, with the chosen setting evaluated on the held-out images."""
-    from .evaluate import UNMERGED
-
     chosen, target = found.chosen, opts.target
     held_candidates = []
     if chosen is not None:
         atm = patch_model(vit, chosen.config)
         held_candidates = [Candidate(opts.name, A.eager(atm), run_params(chosen.config, atm))]
     held_unmerged, held_tallies = evaluate(held, vit, held_candidates, opts.batch_size, Console(verbosity=0), opts.workers)
+    unmerged_result, *chosen_held = results(held_unmerged, held_tallies, held_candidates, opts.batch_size)
     chosen_result = held_result = met = None
     notes = []
     if chosen is not None:
         chosen_result = _setting(opts.name, chosen, vit, found.unmerged, opts.batch_size)
-        c = held_candidates[0]
-        held_result = result(opts.name, held_tallies[opts.name], c.params, "eager", opts.batch_size, held_unmerged)
+        held_result = chosen_held[0]
         met = (held_result.gflops <= target.target_gflops if target.target_gflops is not None
                else held_result.agreement >= target.min_agreement)
     else:
@@ -178,13 +171,13 @@ def build_report(opts: TuneOptions, entry, weights: dict, calib, held, found: Se
                         f"{closest.tally.agreement:.4f})" if closest else ""))
     return TuneReport(
         schema_version=EVAL_SCHEMA_VERSION, atm_export_version=__version__,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        model=ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model),
+        created=created(),
+        model=model_info(entry),
         weights=weights, target=target.to_dict(), calibration=calib.to_dict(), held_out=held.to_dict(),
         batch_size=opts.batch_size, rungs=found.rungs,
         front=[_setting(c.name, c, vit, found.unmerged, opts.batch_size) for c in found.front],
         chosen=chosen_result, chosen_held_out=held_result,
-        unmerged_held_out=result(UNMERGED, held_unmerged, {"policy": "none"}, "eager", opts.batch_size),
+        unmerged_held_out=unmerged_result,
         met_on_held_out=met, preset_file=None if chosen is None else str(opts.output), notes=notes)
 
 
