@@ -144,8 +144,14 @@ def open_output(directory: str | Path, force: bool = False, names: tuple[str, ..
     """``with open_output(dir) as writer:`` stages the run's files; they are committed when the
     block ends normally and dropped when it raises (a signal included). ``names``: the files the
     run may write (the main job's artifacts by default)."""
-    with deferred():  # a signal now is raised once ``writer`` is set, so that its cleanup runs
-        writer = ArtifactWriter(directory, force, names)
+    writer = None
+    try:
+        with deferred():  # a signal during the set-up is raised once ``writer`` is complete ...
+            writer = ArtifactWriter(directory, force, names)
+    except BaseException:
+        if writer is not None:  # ... so that what it created can be removed here
+            writer.abort()
+        raise
     with writer:
         yield writer
 

@@ -42,3 +42,26 @@ def test_unknown_artifact_names_are_refused(tmp_path):
     with open_output(tmp_path) as writer:
         with pytest.raises(ValueError):
             writer.path("notes.txt")
+
+
+def test_a_signal_while_the_output_is_set_up_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM arriving while the staging directory is being locked: the signal is deferred to
+    the end of the set-up, and the set-up's directories must still be removed."""
+    import os
+    import signal
+
+    from atm_export import artifacts, signals
+
+    hold = artifacts._hold_lock
+
+    def hold_then_signal(path):
+        fd = hold(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fd
+
+    monkeypatch.setattr(artifacts, "_hold_lock", hold_then_signal)
+    with signals.installed():
+        with pytest.raises(signals.Aborted):
+            with open_output(tmp_path / "a" / "b"):
+                pytest.fail("the run must not start")
+    assert list(tmp_path.iterdir()) == []
