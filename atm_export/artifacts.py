@@ -35,6 +35,11 @@ ARTIFACT_NAMES = (
     "model.onnx",
     "model.plugin.onnx",
     "model.engine",
+    "model.static.onnx",
+    "model.static.plugin.onnx",
+    "model.static.engine",
+    "model.fp16.plugin.onnx",
+    "model.static.fp16.plugin.onnx",
     "tokens.png",
     "latency.png",
     "merge_maps.png",
@@ -194,3 +199,18 @@ def remove_stale_staging(directory: Path) -> list[Path]:
             if fd is not None:
                 os.close(fd)
     return removed
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half a file.
+    UserError (one line) when it cannot be written."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path

@@ -1,9 +1,9 @@
-"""Benchmarks: timing statistics, speed-ups over each runtime's unmerged model, merge-time
-shares, and fixed token schedules.
+"""Benchmarks: timing statistics, speed-ups over each runtime's unmerged model, and merge-time
+shares.
 
 Random weights merge differently from trained ones, so benchmarks can replay a fixed per-block
-token schedule (``schedule_for_gflops`` builds one for a FLOPs target) instead of letting the
-weights decide. Latency is measured, never asserted by tests.
+token schedule (atm_export.fixed_schedule) instead of letting the weights decide. Latency is
+measured, never asserted by tests.
 
 Timing: after a warm-up, a measurement repeats the call until it has at least ``min_runs``
 runs and has run for ``budget_s`` (at most ``max_runs``), so fast calls (small batches) get
@@ -13,8 +13,6 @@ above ``NOISY_SPREAD`` is flagged as noisy rather than stated as fact.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,9 +22,6 @@ import torch
 
 from .backends import BASELINES
 from .contract import NODE_PREFIX
-from .errors import UserError
-from .flops import ViTDims, image_macs
-from .merge import max_merges
 from .report.model import Benchmark, TimingStats
 
 #: A measurement whose (p90 - p10) / p50 exceeds this is flagged as noisy.
@@ -169,61 +164,3 @@ def ort_merge_share(events: list[dict], prefix: str = NODE_PREFIX) -> float:
     total = sum(e["dur"] for e in nodes)
     merge = sum(e["dur"] for e in nodes if e["name"].startswith(prefix))
     return merge / total if total else 0.0
-
-
-def schedule_gflops(dims: ViTDims, tokens: list[int], prefix_last: bool) -> float:
-    """GFLOPs of one image following ``tokens`` (tokens entering each block)."""
-    r = [tokens[i] - tokens[i + 1] for i in range(len(tokens) - 1)] + [0]
-    merges = [v > 0 for v in r]
-    return image_macs(dims, tokens, r, merges, prefix_last) / 1e9
-
-
-def schedule_for_gflops(dims: ViTDims, target: float, prefix_last: bool = True) -> list[int]:
-    """Tokens entering each block, shrinking geometrically (most merging early, like ATM's
-    layer-dependent thresholds) so that the model costs about ``target`` GFLOPs."""
-    p, m0 = dims.num_prefix, dims.num_patches
-
-    def tokens_for(decay: float) -> list[int]:
-        out, m = [], m0
-        for _ in range(dims.depth):
-            out.append(p + m)
-            m = m - min(max_merges(m), round(m * (1.0 - math.exp(-decay))))
-        return out
-
-    lo, hi = 0.0, 5.0
-    if schedule_gflops(dims, tokens_for(hi), prefix_last) > target:
-        raise UserError(f"{target} GFLOPs is below what merging can reach for this model")
-    for _ in range(60):  # bisection on the decay rate
-        mid = (lo + hi) / 2
-        if schedule_gflops(dims, tokens_for(mid), prefix_last) > target:
-            lo = mid
-        else:
-            hi = mid
-    return tokens_for(hi)
-
-
-def parse_schedule(spec: str, dims: ViTDims, prefix_last: bool) -> list[int]:
-    """``gflops:3.2``, a JSON file with ``tokens_per_layer`` (e.g. a report.json), or ``197,150,...``."""
-    if spec.startswith("gflops:"):
-        try:
-            target = float(spec.split(":", 1)[1])
-        except ValueError:
-            raise UserError(f"--bench-schedule {spec!r}: expected gflops:<number>") from None
-        return schedule_for_gflops(dims, target, prefix_last)
-    if spec.endswith(".json"):
-        try:
-            tokens = json.loads(open(spec).read())["tokens_per_layer"]
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
-            raise UserError(f"--bench-schedule {spec}: cannot read tokens_per_layer ({exc})") from None
-    else:
-        try:
-            tokens = [int(float(v)) for v in spec.split(",")]
-        except ValueError:
-            raise UserError(f"--bench-schedule {spec!r}: expected comma-separated token counts") from None
-    tokens = [int(round(t)) for t in tokens]
-    if len(tokens) != dims.depth or tokens[0] != dims.num_tokens:
-        raise UserError(f"--bench-schedule needs {dims.depth} counts starting at {dims.num_tokens}, got {tokens}")
-    for a, b in zip(tokens, tokens[1:]):
-        if not a - max_merges(a - dims.num_prefix) <= b <= a:
-            raise UserError(f"--bench-schedule: one block can merge at most half its unprotected tokens ({a} -> {b})")
-    return tokens

@@ -155,6 +155,17 @@ def _overrides(kw: dict) -> dict:
 @click.option("--bench-time", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="... and at least this many seconds (fast calls get many runs).")
 @click.option("--bench-schedule", help="Replay a fixed token schedule: gflops:3.2, a report.json, or 197,180,...")
+@click.option("--static-schedule", metavar="SOURCE",
+              help="Also export model.static.onnx and model.static.plugin.onnx (and model.static.engine), whose "
+                   "merge steps merge a fixed r per block, so every token count is static and only the batch is "
+                   "dynamic (low-latency TensorRT, CUDA graphs). SOURCE: 'sample' (the sample run's counts), "
+                   "gflops:G, a report.json or eval.json[:SETTING] (e.g. an eval run on calibration images), or "
+                   "197,180,... (tokens entering each block).")
+@click.option("--triton", type=click.Path(file_okay=False),
+              help="Also write a Triton Inference Server model repository there: the portable model on ONNX Runtime "
+                   "and, where TensorRT is present, the engine with the plugin library (docs/serving.md).")
+@click.option("--triton-max-batch", type=click.IntRange(min=1),
+              help="Triton's max_batch_size for the ONNX Runtime models (default: the engine's largest batch).")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True, help="Build and check a TensorRT engine when TensorRT is installed.")
 @click.option("--trt-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Engine precision. fp32 builds with TF32 off (so parity holds at 1e-4); fp16 needs a TensorRT "
@@ -164,6 +175,9 @@ def _overrides(kw: dict) -> dict:
 @click.option("--trt-opt-batch", type=click.IntRange(min=1), help="Engine: batch TensorRT tunes for (default: --batch-size).")
 @click.option("--trt-max-batch", type=click.IntRange(min=1),
               help="Engine: largest batch it accepts (default: the largest batch this run checks or benchmarks).")
+@click.option("--trt-timing-cache", metavar="PATH",
+              help="Engine: timing cache file, read before and updated after every build so that later builds skip "
+                   "timing kernels again (default: ~/.cache/atm-export/tensorrt.timing-cache; 'none' for no cache).")
 @click.option("--visualize", is_flag=True, help="Draw merge maps of the sample images (merge_maps.png).")
 @click.option("--visualize-blocks", callback=lambda c, p, v: _int_list(v, 1, "expected block numbers of at least 1"),
               help="Blocks after which to draw the merge maps (default: the split layer and the last merge).")
@@ -351,6 +365,28 @@ def build_plugin_cmd(build_dir, tensorrt_root, cuda_arch, kernels_only):
         click.echo(f"plugin (getCreators; trtexec --dynamicPlugins): {result.plugin_dynamic}")
 
 
+@cli.command("doctor")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="atm-doctor", show_default=True,
+              help="Where doctor.json, doctor.md and the checks' work files (work/) go.")
+@_verbosity_options
+def doctor_cmd(output, quiet, verbose):
+    """Check this machine for GPU work: driver, GPU, CUDA, TensorRT; then, where a GPU is present,
+    build the plugin, run the CUDA kernel tests, compute-sanitizer, a two-merge engine, and fp32 /
+    fp16 / static-schedule runs of the main job. Without a GPU: what would run and why it cannot (exit 0).
+
+    Exit 1 when a check that ran failed (named on stderr)."""
+    from .jobs.doctor import run_doctor, summary_line, table_lines
+
+    report = run_doctor(Path(output), _console(quiet, verbose))
+    if not quiet:
+        for line in table_lines(report):
+            click.echo(line)
+    if report.failed():
+        click.echo(f"atm-export: doctor: failed: {', '.join(report.failed())}; see {Path(output) / 'doctor.md'}", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(summary_line(report))
+
+
 @cli.command("models")
 def models_cmd():
     """List the registered models and their presets."""
@@ -375,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     try:
-        cli.main(args=argv, prog_name="atm-export", standalone_mode=False)
+        # without standalone mode, click returns a command's click.exceptions.Exit(n) as n
+        status = cli.main(args=argv, prog_name="atm-export", standalone_mode=False)
     except signals.Aborted as exc:
         click.echo("atm-export: aborted", err=True)
         return 128 + exc.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -402,7 +439,7 @@ def _run(argv: list[str] | None) -> int:
     except (click.Abort, KeyboardInterrupt):  # a SIGINT before the handlers were installed
         click.echo("atm-export: aborted", err=True)
         return 128 + signal.SIGINT
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ parity checks, the benchmarks. The C++ plugin mirrors this module in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 DOMAIN = "atm_export"
 OP_TYPE = "TokenMerge"
@@ -33,13 +33,16 @@ NODE_PREFIX = f"{OP_TYPE}_b"
 
 @dataclass(frozen=True)
 class Attributes:
-    """A TokenMerge node's attributes: the four of the math, and TensorRT's tuning value.
+    """A TokenMerge node's attributes: the four of the math, and two token counts for TensorRT.
 
     threshold: merge the pairs more similar than this (used when ``fixed_r`` < 0);
     fixed_r: if >= 0, merge this many pairs (at most floor(M/2));
     split_mode: a value of SPLIT_CODES;
     num_protected: the leading tokens that are never merged;
-    opt_num_tokens: the output count TensorRT tunes for (-1: unknown; no effect on the math).
+    opt_num_tokens: the output count TensorRT tunes for (-1: unknown; no effect on the math);
+    max_num_tokens: the model's input token count (patches + prefix tokens, N entering block 1),
+        a bound on every node's N that the plugin sizes its workspace by when TensorRT reports
+        none (-1: unknown; no effect on the math).
     """
 
     threshold: float = 1.0
@@ -47,19 +50,21 @@ class Attributes:
     split_mode: int = 0
     num_protected: int = 1
     opt_num_tokens: int = -1
+    max_num_tokens: int = -1
 
     def __post_init__(self):
         if self.split_mode not in SPLIT_NAMES:
             raise ValueError(f"split_mode must be one of {sorted(SPLIT_NAMES)}, got {self.split_mode}")
         if self.num_protected < 0:
             raise ValueError(f"num_protected must be >= 0, got {self.num_protected}")
-        if self.opt_num_tokens < -1:
-            raise ValueError(f"opt_num_tokens must be >= -1, got {self.opt_num_tokens}")
+        for name in ("opt_num_tokens", "max_num_tokens"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"{name} must be >= -1, got {getattr(self, name)}")
         if self.fixed_r < 0 and math.isnan(self.threshold):
             raise ValueError("threshold is NaN (and fixed_r < 0 asks for the threshold)")
 
     @classmethod
-    def for_step(cls, step, num_protected: int, opt_num_tokens: int = -1) -> "Attributes":
+    def for_step(cls, step, num_protected: int, opt_num_tokens: int = -1, max_num_tokens: int = -1) -> "Attributes":
         """The attributes of one block's merge step (an ``atm_export.schedule.StepSpec``)."""
         return cls(
             threshold=1.0 if step.threshold is None else float(step.threshold),
@@ -67,18 +72,14 @@ class Attributes:
             split_mode=SPLIT_CODES[step.split_mode],
             num_protected=int(num_protected),
             opt_num_tokens=int(opt_num_tokens),
+            max_num_tokens=int(max_num_tokens),
         )
 
     @classmethod
     def from_values(cls, values: dict) -> "Attributes":
         """From a node's attribute values (missing ones take their defaults, lookup keys ignored)."""
-        known = {k: values[k] for k in DEFAULTS if k in values and k not in LOOKUP_KEYS}
-        for name in ("fixed_r", "split_mode", "num_protected", "opt_num_tokens"):
-            if name in known:
-                known[name] = int(known[name])
-        if "threshold" in known:
-            known["threshold"] = float(known["threshold"])
-        return cls(**known)
+        kinds = {f.name: type(f.default) for f in fields(cls)}  # int or float
+        return cls(**{name: kind(values[name]) for name, kind in kinds.items() if name in values})
 
     @property
     def split(self) -> str:

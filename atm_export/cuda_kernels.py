@@ -61,6 +61,7 @@ class Attributes(ctypes.Structure):
         ("split_mode", ctypes.c_int32),
         ("num_protected", ctypes.c_int32),
         ("opt_num_tokens", ctypes.c_int32),
+        ("max_num_tokens", ctypes.c_int32),
     ]
 
 
@@ -105,9 +106,10 @@ _SIGNATURES = {
         ctypes.c_int,
     ),
     "atm_token_merge_token_bounds": (
-        [ctypes.c_int64, _P(Attributes), _P(ctypes.c_int64), _P(ctypes.c_int64)],
+        [ctypes.c_int64, ctypes.c_int32, _P(Attributes), _P(ctypes.c_int64), _P(ctypes.c_int64)],
         ctypes.c_int,
     ),
+    "atm_token_merge_max_input_tokens": ([ctypes.c_int64, _P(Attributes), _P(ctypes.c_int64)], ctypes.c_int),
 }
 
 

@@ -153,6 +153,14 @@ def fixed_r(r: int, cap: int) -> int:
     return min(max(int(r), 0), cap)
 
 
+def tokens_after_fixed_r(num_tokens: int, r: int, num_protected: int) -> int:
+    """The token count after a step that merges a fixed ``r``: N - min(r, floor((N - P) / 2)).
+
+    Known from N alone, so a fixed-r step has a static output size wherever N is static.
+    """
+    return num_tokens - fixed_r(r, max_merges(num_tokens - num_protected))
+
+
 @dataclass
 class MergePlan:
     """Which tokens merge where, for one merge step, as indices into the input tokens.

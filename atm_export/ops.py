@@ -1,9 +1,10 @@
 """The TokenMerge op (atm_export/contract.py) as a PyTorch custom op and as an ONNX node.
 
 - ``torch.ops.atm_export.token_merge``: a custom op whose real implementation is
-  ``atm_export.merge.token_merge`` and whose fake implementation declares the data-dependent
-  token count, so that ``torch.export`` records one opaque node per merge step instead of
-  tracing through the merge internals.
+  ``atm_export.merge.token_merge`` and whose fake implementation declares the output token
+  count (data-dependent for a threshold; static for a fixed r on a static N), so that
+  ``torch.export`` records one opaque node per merge step instead of tracing through the
+  merge internals.
 - ``register_onnx_schema()``: the ONNX schema of ``atm_export.TokenMerge``, so that
   ``onnx.checker`` validates the nodes and the exporter can emit them.
 - ``onnx_translation``: how the exporter turns the custom op into that node.
@@ -22,26 +23,37 @@ from .schedule import StepSpec
 def token_merge(
     x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor,
     threshold: float, fixed_r: int, split_mode: int, num_protected: int,
+    opt_num_tokens: int, max_num_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One merge step. x [B,N,C], size [B,N] float32, metric [B,N,D] ->
-    (x_out [B,N-r,C], size_out [B,N-r], num_tokens int64 scalar)."""
-    attrs = contract.Attributes(threshold, fixed_r, split_mode, num_protected)
+    (x_out [B,N-r,C], size_out [B,N-r], num_tokens int64 scalar).
+
+    opt_num_tokens and max_num_tokens are TensorRT's hints, carried to the ONNX node; the math
+    ignores them."""
+    attrs = contract.Attributes(threshold, fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens)
     step = M.token_merge(x, size, metric, **attrs.merge_kwargs())
     return step.x, step.size, torch.tensor(step.x.shape[1], dtype=torch.int64)
 
 
 @token_merge.register_fake
-def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_protected):
+def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens):
     batch, n, c = x.shape
-    n_out = torch.library.get_ctx().new_dynamic_size()
-    # What the merge guarantees: at most floor((N - P) / 2) tokens go.
+    if fixed_r >= 0 and isinstance(n, int):  # known from N: a static dimension
+        n_out = M.tokens_after_fixed_r(n, fixed_r, num_protected)
+    else:  # data-dependent (at most floor((N - P) / 2) tokens go)
+        n_out = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((batch, n_out, c)), size.new_empty((batch, n_out)), torch.empty((), dtype=torch.int64)
 
 
-def token_merge_op(x, size, metric, step: StepSpec, num_protected: int):
-    """Call the custom op for one block's StepSpec. Returns (x, size, num_tokens)."""
-    a = contract.Attributes.for_step(step, num_protected)
-    return torch.ops.atm_export.token_merge(x, size, metric, a.threshold, a.fixed_r, a.split_mode, a.num_protected)
+def token_merge_op(x, size, metric, step: StepSpec, num_protected: int, opt_num_tokens: int = -1,
+                   max_num_tokens: int = -1):
+    """Call the custom op for one block's StepSpec. Returns (x, size, num_tokens).
+
+    opt_num_tokens, max_num_tokens: the node's hints for TensorRT (contract.Attributes; -1: unknown).
+    """
+    a = contract.Attributes.for_step(step, num_protected, opt_num_tokens, max_num_tokens)
+    return torch.ops.atm_export.token_merge(x, size, metric, a.threshold, a.fixed_r, a.split_mode, a.num_protected,
+                                            a.opt_num_tokens, a.max_num_tokens)
 
 
 _DOCS = {
@@ -50,6 +62,7 @@ _DOCS = {
     "split_mode": "0 alternate (ToMe's split), 1 size-distinctive",
     "num_protected": "leading tokens never merged",
     "opt_num_tokens": "typical output token count, TensorRT's tuning value (-1: unknown)",
+    "max_num_tokens": "the model's input token count, a bound on N for TensorRT (-1: unknown)",
     "plugin_version": "TensorRT plugin lookup",
     "plugin_namespace": "TensorRT plugin lookup",
 }
@@ -73,7 +86,8 @@ def register_onnx_schema() -> None:
         outputs=[
             OpSchema.FormalParameter("x_out", "T", "merged tokens [B, N - r, C]"),
             OpSchema.FormalParameter("size_out", "tensor(float)", "merged sizes [B, N - r]"),
-            OpSchema.FormalParameter("num_tokens", "tensor(int64)", "N - r, a scalar"),
+            OpSchema.FormalParameter("num_tokens", "tensor(int64)",
+                                     "N - r, a scalar (TensorRT's plugin: int32, cast to int64 in the graph)"),
         ],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "token and metric type")],
         attributes=[OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), _DOCS[name])
@@ -89,11 +103,12 @@ def onnx_translation():
     register_onnx_schema()
     opset = onnxscript.values.Opset(contract.DOMAIN, contract.VERSION)
 
-    def token_merge_onnx(x, size, metric, threshold: float, fixed_r: int, split_mode: int, num_protected: int):
+    def token_merge_onnx(x, size, metric, threshold: float, fixed_r: int, split_mode: int, num_protected: int,
+                         opt_num_tokens: int, max_num_tokens: int):
         return opset.TokenMerge(
             x, size, metric,
             threshold=threshold, fixed_r=fixed_r, split_mode=split_mode, num_protected=num_protected,
-            **contract.LOOKUP_KEYS,
+            opt_num_tokens=opt_num_tokens, max_num_tokens=max_num_tokens, **contract.LOOKUP_KEYS,
         )
 
     return {torch.ops.atm_export.token_merge.default: token_merge_onnx}

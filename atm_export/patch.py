@@ -151,10 +151,16 @@ class _EagerMerges:
 
 
 class _OpMerges:
-    """The merge steps as the TokenMerge custom op (the exported form), counting tokens as tensors."""
+    """The merge steps as the TokenMerge custom op (the exported form), counting tokens as tensors.
 
-    def __init__(self, model: "ATMVisionTransformer", n: int):
+    Every node gets TensorRT's hints: ``max_num_tokens`` = n, the tokens entering block 1 (no
+    later N exceeds it), and ``opt_num_tokens`` = the block's entry of ``typical_tokens``.
+    """
+
+    def __init__(self, model: "ATMVisionTransformer", n: int, typical_tokens: list[float] | None = None):
         self.model = model
+        self.max_tokens = int(n)
+        self.typical_tokens = typical_tokens
         self.count = torch.full((), n, dtype=torch.int64)
         self.counts: list[torch.Tensor] = []
 
@@ -167,7 +173,9 @@ class _OpMerges:
     def merge(self, block: int, step: StepSpec, x, size, metric):
         from .ops import token_merge_op
 
-        x, size, self.count = token_merge_op(x, size, metric, step, self.model.num_protected)
+        opt = max(1, round(self.typical_tokens[block])) if self.typical_tokens else -1
+        x, size, self.count = token_merge_op(x, size, metric, step, self.model.num_protected,
+                                             opt_num_tokens=opt, max_num_tokens=self.max_tokens)
         return x, size
 
 
@@ -220,18 +228,21 @@ class ATMVisionTransformer(nn.Module):
             return torch.cat([p[0] for p in parts]), _combine_stats([p[1] for p in parts])
         return self._run(images, *modes)
 
-    def forward_export(self, images: torch.Tensor, *, explicit_attention: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_export(self, images: torch.Tensor, *, explicit_attention: bool = False,
+                       typical_tokens: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward through the TokenMerge custom op: (logits [B, K], tokens_per_layer [L] int64).
 
         explicit_attention: never timm's fused SDPA (the exporter cannot decompose it with a
         data-dependent token count); the finite-input check is left out then too (it cannot be
         exported either).
+        typical_tokens: per block (0-based), the tokens a sample run kept after that block's
+        merge; each node's ``opt_num_tokens`` (TensorRT's tuning value), -1 without it. Every
+        node's ``max_num_tokens`` is the token count entering block 1. Neither changes the math.
         """
         if not explicit_attention:
             self._require_finite(images)
         x = self._embed(images)
-        merges = _OpMerges(self, x.shape[1])
+        merges = _OpMerges(self, x.shape[1], typical_tokens)
         x, size = self._blocks(x, merges, explicit_attention)
         return self._head(self.vit.norm(x), size), torch.stack(merges.counts)
 

@@ -264,3 +264,56 @@ def missing_tensorrt_message(dynamic: bool) -> str:
         "(TensorRT: https://developer.nvidia.com/tensorrt; the pip wheel has no headers)"
     )
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What a built library holds for which GPUs (no cuobjdump needed).
+
+FATBIN_MAGIC = 0xBA55ED50
+_FATBIN_PTX, _FATBIN_ELF = 1, 2
+
+
+def embedded_architectures(library: str | Path) -> dict[str, list[int]]:
+    """The compute capabilities (e.g. 75 for 7.5) a shared library embeds code for:
+    ``{"sass": [...], "ptx": [...]}``, read from its ``.nv_fatbin`` ELF section.
+
+    A GPU runs the library if its capability has SASS, or is newer than a PTX entry (the driver
+    compiles PTX at load time); otherwise CUDA fails with "no kernel image".
+    """
+    import struct
+
+    data = Path(library).read_bytes()
+    found: dict[str, set[int]] = {"sass": set(), "ptx": set()}
+    for offset, size in _elf_sections(data, ".nv_fatbin"):
+        pos, end = offset, offset + size
+        while pos + 16 <= end:
+            magic, _, header, length = struct.unpack_from("<IHHQ", data, pos)
+            if magic != FATBIN_MAGIC:
+                break
+            entry, stop = pos + header, pos + header + length
+            while entry < stop:
+                kind, _, entry_header, entry_size = struct.unpack_from("<HHIQ", data, entry)
+                arch = struct.unpack_from("<I", data, entry + 28)[0]
+                if kind in (_FATBIN_PTX, _FATBIN_ELF):
+                    found["ptx" if kind == _FATBIN_PTX else "sass"].add(arch)
+                entry += entry_header + entry_size
+            pos = stop
+    return {kind: sorted(archs) for kind, archs in found.items()}
+
+
+def _elf_sections(data: bytes, name: str) -> list[tuple[int, int]]:
+    """(file offset, size) of every section called ``name`` in a 64-bit little-endian ELF file."""
+    import struct
+
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * entsize) for i in range(count)]
+    names_offset = headers[names_index][4]
+
+    def section_name(index: int) -> str:
+        start = names_offset + index
+        return data[start:data.index(b"\0", start)].decode()
+
+    return [(h[4], h[5]) for h in headers if section_name(h[0]) == name]

@@ -84,10 +84,10 @@ def main(phase: str, args: list[str]) -> int:
 
     render = markdown.render_markdown
 
-    def paused_render(report):
+    def paused_render(*args, **kwargs):
         if phase == "report":
             pause(phase)
-        return render(report)
+        return render(*args, **kwargs)
 
     import timm
 

@@ -133,7 +133,7 @@ OK, INVALID = 0, 1
 FLOAT32, INT32, CHAR = 1, 5, 6
 #: A valid value other than the default for each attribute of the math.
 OTHER_VALUES = {"threshold": 0.5, "fixed_r": 3, "split_mode": contract.SPLIT_CODES["size"], "num_protected": 2,
-                "opt_num_tokens": 7}  # fmt: skip
+                "opt_num_tokens": 7, "max_num_tokens": 197}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,16 @@ def lib():
 
 def _as_dict(attrs: cuda_kernels.Attributes) -> dict:
     return {name: getattr(attrs, name) for name, _ in cuda_kernels.Attributes._fields_}
+
+
+def _poisoned() -> cuda_kernels.Attributes:
+    """Attributes with -9 in every field, to see which ones the library wrote."""
+    return cuda_kernels.Attributes(*[-9] * len(cuda_kernels.Attributes._fields_))
+
+
+def test_ctypes_struct_mirrors_the_attributes():
+    """cuda_kernels.Attributes (atm_token_merge_attributes) has one field per attribute, in order."""
+    assert [name for name, _ in cuda_kernels.Attributes._fields_] == list(contract.Attributes().__dict__)
 
 
 def _parse(lib, values: dict) -> tuple[int, dict]:
@@ -160,13 +170,13 @@ def _parse(lib, values: dict) -> tuple[int, dict]:
         keep.append(buf)
         fields.append(cuda_kernels.PluginField(name.encode(), ctypes.addressof(buf), kind, length))
     array = (cuda_kernels.PluginField * max(1, len(fields)))(*fields)
-    out = cuda_kernels.Attributes(-9.0, -9, -9, -9, -9)
+    out = _poisoned()
     status = lib.atm_token_merge_parse_attributes(array, len(fields), ctypes.byref(out))
     return status, _as_dict(out)
 
 
 def test_library_defaults_equal_the_contract(lib):
-    out = cuda_kernels.Attributes(-9.0, -9, -9, -9, -9)
+    out = _poisoned()
     lib.atm_token_merge_default_attributes(ctypes.byref(out))
     expected = {k: v for k, v in contract.DEFAULTS.items() if k not in contract.LOOKUP_KEYS}
     assert _as_dict(out) == expected
@@ -194,7 +204,7 @@ def test_library_rejects_names_outside_the_contract(lib, name):
     message = lib.atm_token_merge_last_error().decode()
     assert status == INVALID and f"unknown attribute {name}" in message
     assert all(attr in message for attr in OTHER_VALUES), f"the message lists the contract's attributes: {message}"
-    assert parsed == {"threshold": -9.0, "fixed_r": -9, "split_mode": -9, "num_protected": -9, "opt_num_tokens": -9}
+    assert parsed == _as_dict(_poisoned()), "nothing written"
 
 
 # ---- (c) contract.py's own rules -------------------------------------------------------------
@@ -214,6 +224,7 @@ def test_attributes_default_to_the_defaults_without_lookup_keys():
         ({"split_mode": 2}, "split_mode"),
         ({"num_protected": -1}, "num_protected"),
         ({"opt_num_tokens": -2}, "opt_num_tokens"),
+        ({"max_num_tokens": -2}, "max_num_tokens"),
         ({"threshold": math.nan, "fixed_r": -1}, "NaN"),
     ],
 )
@@ -240,8 +251,11 @@ def test_attributes_for_a_step():
     attrs = contract.Attributes.for_step(StepSpec("size", threshold=0.9), num_protected=2)
     assert (attrs.split_mode, attrs.fixed_r, attrs.threshold, attrs.num_protected) == (1, -1, 0.9, 2)
     assert attrs.opt_num_tokens == -1 and attrs.split == "size"
-    fixed = contract.Attributes.for_step(StepSpec("alternate", r=8), num_protected=1, opt_num_tokens=100)
+    assert attrs.max_num_tokens == -1
+    fixed = contract.Attributes.for_step(StepSpec("alternate", r=8), num_protected=1, opt_num_tokens=100,
+                                         max_num_tokens=197)
     assert (fixed.split_mode, fixed.fixed_r, fixed.threshold, fixed.opt_num_tokens) == (0, 8, 1.0, 100)
+    assert fixed.max_num_tokens == 197
     assert fixed.merge_kwargs() == {"threshold": None, "r": 8, "split_mode": "alternate", "num_protected": 1}
 
 
@@ -249,3 +263,12 @@ def test_split_codes_name_the_merge_split_modes():
     assert set(contract.SPLIT_CODES) == set(merge.SPLIT_MODES)
     assert sorted(contract.SPLIT_CODES.values()) == list(range(len(merge.SPLIT_MODES))), "codes 0, 1, ..."
     assert contract.SPLIT_NAMES == {code: name for name, code in contract.SPLIT_CODES.items()}
+
+
+def test_attributes_from_node_values_take_each_attribute_type():
+    """ONNX gives ints as int and floats as float; from_values also converts numpy-like values."""
+    values = {**contract.DEFAULTS, "threshold": 1, "fixed_r": 4.0, "max_num_tokens": 197, "opt_num_tokens": 150}
+    attrs = contract.Attributes.from_values(values)
+    assert attrs == contract.Attributes(threshold=1.0, fixed_r=4, opt_num_tokens=150, max_num_tokens=197)
+    assert type(attrs.threshold) is float and type(attrs.fixed_r) is int and type(attrs.max_num_tokens) is int
+    assert contract.Attributes.from_values({}) == contract.Attributes()

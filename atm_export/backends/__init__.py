@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import Outputs, Runner
 
-__all__ = ["BASELINES", "MERGED", "NAMES", "Outputs", "Runner", "open_runner", "unavailable"]
+__all__ = ["BASELINES", "MERGED", "NAMES", "STATIC", "Outputs", "Runner", "open_runner", "unavailable"]
 
 #: Each merged backend, and the unmerged model on the same runtime.
 BASELINES = {
@@ -18,7 +18,12 @@ BASELINES = {
     "ort_plugin": "ort_baseline",
     "ort_cuda_portable": "ort_cuda_baseline",
     "tensorrt": "tensorrt_baseline",
+    "ort_portable_static": "ort_baseline",
+    "tensorrt_static": "tensorrt_baseline",
 }
+#: The backends of the static-schedule models (--static-schedule): timed with the others, but
+#: compared with their own eager replay (a bundle's ``static``), not with the adaptive model.
+STATIC = ("ort_portable_static", "tensorrt_static")
 MERGED = tuple(BASELINES)
 NAMES = (*MERGED, *dict.fromkeys(BASELINES.values()))
 
@@ -33,6 +38,8 @@ _RUNNERS = {
     "ort_cuda_baseline": ("baseline", "ort", "cuda"),
     "tensorrt": ("engine", "tensorrt", None),
     "tensorrt_baseline": ("engine_baseline", "tensorrt", None),
+    "ort_portable_static": ("static_portable", "ort", "cpu"),
+    "tensorrt_static": ("static_engine", "tensorrt", None),
 }
 
 
@@ -54,6 +61,8 @@ def unavailable(name: str, bundle) -> str | None:
         return {"plugin": "not exported (--no-onnx)", "portable": "not exported (--no-onnx)",
                 "baseline": "the unmerged baseline was not exported (it is made for benchmarks)",
                 "engine": "no TensorRT engine was built", "engine_baseline": "no TensorRT baseline engine was built",
+                "static_portable": "no static-schedule export (--static-schedule)",
+                "static_engine": "no static-schedule TensorRT engine was built",
                 }.get(attribute, f"the bundle has no {attribute}")
     return None
 
@@ -80,5 +89,5 @@ def open_runner(bundle, name: str, *, replay: list | None = None, profile: bool 
         return OrtRunner(model, name, plugin=attribute == "plugin", device=device, profile=profile, replay=replay)
     from .tensorrt import EngineRunner
 
-    return EngineRunner(model, name, plugin=plugin_library, needs_plugin=attribute == "engine",
+    return EngineRunner(model, name, plugin=plugin_library, needs_plugin=attribute in ("engine", "static_engine"),
                         built_on=bundle.engine_info)

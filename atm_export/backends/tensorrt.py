@@ -86,28 +86,70 @@ class EngineSpec:
     max_batch: int
     precision: str = "fp32"  # or "fp16"
     workspace_gib: float = 4.0
+    timing_cache: str | None = None  # a file of kernel timings, read before and updated after each build
 
 
-def precision_flags(flags, precision: str) -> tuple[list, list, dict]:
-    """The builder flags to set and to clear for ``precision``, found by feature, not by version:
-    ``flags`` is ``tensorrt.BuilderFlag``. Returns (set, clear, what to record in the report).
+def default_timing_cache() -> Path:
+    """Where builds keep their timing cache unless told otherwise ($XDG_CACHE_HOME/atm-export)."""
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "atm-export" / "tensorrt.timing-cache"
+
+
+def _attach_timing_cache(config, path: str | None):
+    """Give the builder ``path``'s timing cache (a fresh one if the file is missing, or was
+    written by another GPU or TensorRT version: TensorRT refuses a mismatched cache)."""
+    data = Path(path).read_bytes() if path and Path(path).is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config, path: str | None) -> None:
+    """Write the builder's timing cache (what it knew plus what this build timed) to ``path``."""
+    if path:
+        from ..artifacts import write_atomic
+
+        write_atomic(path, bytes(config.get_timing_cache().serialize()))
+
+
+@dataclass(frozen=True)
+class BuildMode:
+    """How a precision is built on this TensorRT: network creation flags, builder flags to set
+    and to clear, and what the report records."""
+
+    network_flags: list
+    set_flags: list
+    clear_flags: list
+    record: dict
+
+
+def build_mode(trt, precision: str) -> BuildMode:
+    """The build of ``precision`` on ``trt`` (the tensorrt module), found by feature, not by version.
 
     - fp32: TF32 off. TensorRT enables TF32 by default on Ampere and newer (about 1e-3 relative
       error), which fp32 parity against eager PyTorch (1e-4) would not survive.
-    - fp16: the FP16 flag where the bindings have it. TensorRT 11 has none: its networks are
-      always strongly typed, so fp16 comes from an fp16-typed graph, which atm-export does not
-      export yet: a clear error instead of an AttributeError.
+    - fp16: the engine is built from the fp16-typed export (model.fp16.plugin.onnx) as a
+      strongly typed network where TensorRT has that flag (TensorRT 10; TensorRT 11 networks
+      always are), so the graph's types decide; the FP16 builder flag is used only where strong
+      typing is missing and the flag exists.
     """
+    builder, network = trt.BuilderFlag, trt.NetworkDefinitionCreationFlag
     if precision == "fp16":
-        if not hasattr(flags, "FP16"):
-            raise UserError("this TensorRT builds strongly typed networks only (its BuilderFlag has no FP16, as in "
-                            "TensorRT 11): an fp16 engine needs an fp16-typed ONNX export, which atm-export does not "
-                            "write yet; use --trt-precision fp32")
-        return [flags.FP16], [], {"builder_flags": ["FP16"], "tf32": hasattr(flags, "TF32")}
+        if hasattr(network, "STRONGLY_TYPED"):
+            return BuildMode([network.STRONGLY_TYPED], [], [], {"builder_flags": [], "strongly_typed": True})
+        if hasattr(builder, "FP16"):
+            return BuildMode([], [builder.FP16], [], {"builder_flags": ["FP16"], "strongly_typed": False,
+                                                      "tf32": hasattr(builder, "TF32")})
+        raise UserError("this TensorRT has neither strongly typed networks nor the FP16 builder flag; "
+                        "use --trt-precision fp32")
     if precision != "fp32":
         raise ValueError(f"unknown precision {precision!r}")
-    clear = [flags.TF32] if hasattr(flags, "TF32") else []
-    return [], clear, {"builder_flags": [], "tf32": False}
+    clear = [builder.TF32] if hasattr(builder, "TF32") else []
+    return BuildMode([], [], clear, {"builder_flags": [], "tf32": False})
 
 
 def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None,
@@ -124,26 +166,28 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | N
                             "(model.onnx is the plugin-free flavour and needs no plugin)")
         load_plugin(plugin)
     logger = _logger()
+    mode = build_mode(trt, spec.precision)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(sum(1 << int(flag) for flag in mode.network_flags))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * (1 << 30)))
-    set_flags, clear_flags, _ = precision_flags(trt.BuilderFlag, spec.precision)
-    for flag in set_flags:
+    for flag in mode.set_flags:
         config.set_flag(flag)
-    for flag in clear_flags:
+    for flag in mode.clear_flags:
         config.clear_flag(flag)
     shape = tuple(network.get_input(0).shape)[1:]
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, (spec.min_batch, *shape), (spec.opt_batch, *shape), (spec.max_batch, *shape))
     config.add_optimization_profile(profile)
+    _attach_timing_cache(config, spec.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    _save_timing_cache(config, spec.timing_cache)
     return bytes(serialized)
 
 

@@ -4,7 +4,8 @@ A bundle holds the eager models (the ATM-patched model and the unmerged timm mod
 its parameters with), the ONNX graphs (the plugin flavour, the portable flavour lowered from it,
 the unmerged baseline), and the TensorRT engines where they were built. Parity, the benchmarks
 and ``check`` open runners on a bundle (``atm_export.backends.open_runner``) and never export or
-lower anything themselves. ``with_schedule`` gives the bundle whose merged models replay a
+lower anything themselves. ``static`` holds the static-schedule models (a bundle of their own,
+whose ``atm`` replays the schedule). ``with_schedule`` gives the bundle whose merged models replay a
 fixed token schedule (for benchmarks), made from this one's graphs without a new export.
 """
 
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-from ..patch import ATMVisionTransformer, patch_model
-from ..schedule import r_from_tokens, replay_config
+from ..fixed_schedule import replay_model
+from ..patch import ATMVisionTransformer
+from ..schedule import r_from_tokens
 from .onnx import portable_flavour, with_fixed_schedule
 
 
@@ -34,16 +36,25 @@ class Bundle:
     engine_baseline: bytes | None = None  # TensorRT, from ``baseline``
     engine_info: dict | None = None  # what built the engines (GPU, TensorRT version, precision, profile)
     schedule: list[int] | None = None  # tokens entering each block, when the merged models replay it
+    static: "Bundle | None" = None  # the static-schedule models (--static-schedule), with their eager replay
+
+    # The static-schedule models as backends time them (atm_export.backends._RUNNERS).
+    @property
+    def static_portable(self) -> onnx.ModelProto | None:
+        return None if self.static is None else self.static.portable
+
+    @property
+    def static_engine(self) -> bytes | None:
+        return None if self.static is None else self.static.engine
 
     def with_schedule(self, tokens: list[int]) -> "Bundle":
         """This bundle with its merged models replaying ``tokens`` (tokens entering each block):
         a ToMe-style eager model with a fixed r per block, and copies of the plugin graph whose
         TokenMerge nodes merge that r (and its lowering). Engines of the merged model are dropped
-        (an engine is built from the graph it runs)."""
-        atm = self.atm
-        r = r_from_tokens(tokens, atm.num_protected, atm.class_token_head)
-        replaying = patch_model(self.vit, replay_config(r, atm.config.resolved_split_layer(atm.depth), atm.prop_attn))
+        (an engine is built from the graph it runs), and so are the static-schedule models."""
+        replaying = replay_model(self.atm, tokens)
+        r = r_from_tokens(tokens, self.atm.num_protected, self.atm.class_token_head)
         plugin = None if self.plugin is None else with_fixed_schedule(self.plugin, r)
         return dataclasses.replace(self, atm=replaying, plugin=plugin,
                                    portable=None if plugin is None else portable_flavour(plugin),
-                                   engine=None, schedule=list(tokens))
+                                   engine=None, schedule=list(tokens), static=None)

@@ -4,7 +4,8 @@ Two structural checks that no choice of test images can fool:
 
 - ``merge_node_differences``: the plugin flavour has exactly one TokenMerge node per merging
   block, of this op version, with the attributes that the run's merge settings give that block
-  (threshold or r, split mode, protected tokens);
+  (threshold or r, split mode, protected tokens), and a ``max_num_tokens`` that bounds every
+  node's input token count (the plugin sizes its workspace by it);
 - ``lowering_difference``: the portable flavour is the plugin flavour with its TokenMerge nodes
   lowered by this version of atm-export, node for node and weight for weight.
 
@@ -20,7 +21,11 @@ from onnx import helper
 
 from .. import contract
 from ..schedule import StepSpec
-from .lowering import lower_model
+from .lowering import lower_model, static_token_counts
+
+#: TensorRT's hints: not given by the merge settings. opt_num_tokens is a tuning value (any value
+#: is right); max_num_tokens is a bound, checked by ``max_tokens_differences``.
+_HINTS = ("opt_num_tokens", "max_num_tokens")
 
 
 def expected_merge_nodes(steps: list[StepSpec | None], num_protected: int) -> dict[str, dict]:
@@ -30,7 +35,8 @@ def expected_merge_nodes(steps: list[StepSpec | None], num_protected: int) -> di
         if step is not None:
             attrs = contract.Attributes.for_step(step, num_protected).onnx()
             attrs["threshold"] = float(np.float32(attrs["threshold"]))  # as ONNX stores it
-            del attrs["opt_num_tokens"]  # TensorRT's tuning value: any value is right
+            for hint in _HINTS:
+                del attrs[hint]
             expected[contract.node_name(block)] = attrs
     return expected
 
@@ -52,7 +58,7 @@ def merge_node_differences(plugin: onnx.ModelProto, steps: list[StepSpec | None]
     names = [n.name for n in nodes]
     if names != list(expected):
         return [f"TokenMerge nodes {names} where the settings merge in {list(expected)}"]
-    problems = []
+    problems = max_tokens_differences(plugin.graph, nodes)
     for node in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
@@ -61,6 +67,25 @@ def merge_node_differences(plugin: onnx.ModelProto, steps: list[StepSpec | None]
             if got != want:
                 problems.append(f"{node.name}: {name} is {_describe(name, got)} where the settings give "
                                 f"{_describe(name, want)}")
+    return problems
+
+
+def max_tokens_differences(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    """Every way the nodes' ``max_num_tokens`` fails to bound their input token counts ([] if none).
+
+    The exporter writes the model's input token count on every node: one value, at least every
+    input N that the graph states statically (the first merge's N always is).
+    """
+    known = static_token_counts(graph)
+    values = {n.name: next((a.i for a in n.attribute if a.name == "max_num_tokens"), -1) for n in nodes}
+    problems = [f"{name}: max_num_tokens is {value} (missing or unknown): re-export the model"
+                for name, value in values.items() if value < 1]
+    if len(set(values.values())) > 1:
+        problems.append(f"max_num_tokens differs between the nodes ({values}); it is the model's input token count")
+    for node in nodes:
+        n = known.get(node.input[0])
+        if n is not None and 0 < values[node.name] < n:
+            problems.append(f"{node.name}: max_num_tokens {values[node.name]} is below its input's {n} tokens")
     return problems
 
 
@@ -82,8 +107,10 @@ def _same_graph(ours: onnx.GraphProto, theirs: onnx.GraphProto) -> str | None:
     return None
 
 
-def lowering_difference(portable: onnx.ModelProto, plugin: onnx.ModelProto) -> str | None:
-    """Where ``portable`` differs from ``plugin`` with its TokenMerge nodes lowered (None: nowhere)."""
+def lowering_difference(portable: onnx.ModelProto, plugin: onnx.ModelProto,
+                        names: tuple[str, str] = ("model.onnx", "model.plugin.onnx")) -> str | None:
+    """Where ``portable`` differs from ``plugin`` with its TokenMerge nodes lowered (None: nowhere).
+    ``names``: the two files, as the message names them."""
     try:
         expected = lower_model(plugin)
     except ValueError as exc:
@@ -93,4 +120,4 @@ def lowering_difference(portable: onnx.ModelProto, plugin: onnx.ModelProto) -> s
         imports = sorted((o.domain, o.version) for o in portable.opset_import)
         if imports != sorted((o.domain, o.version) for o in expected.opset_import):
             difference = f"its opset imports {imports} differ"
-    return None if difference is None else f"model.onnx is not model.plugin.onnx with its merge steps lowered: {difference}"
+    return None if difference is None else f"{names[0]} is not {names[1]} with its merge steps lowered: {difference}"

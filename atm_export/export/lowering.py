@@ -12,7 +12,9 @@ Every step follows docs/token-merge-op.md; the comments name the step.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 
 import numpy as np
 import onnx
@@ -52,57 +54,84 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type), **attrs))
         return names[0] if len(names) == 1 else names
 
+    # Integer arithmetic on values that are either known here (a Python int: folded, so that the
+    # graph gets constants and static shapes) or int64 scalar tensors (names: emitted as ops).
+
+    def tensor(self, value: int | str) -> str:
+        return self.const(value) if isinstance(value, int) else value
+
+    def arith(self, op_type: str, fold, a: int | str, b: int | str) -> int | str:
+        if isinstance(a, int) and isinstance(b, int):
+            return fold(a, b)
+        return self.op(op_type, [self.tensor(a), self.tensor(b)])
+
+    def vec(self, value: int | str) -> str:
+        """A scalar as a [1] tensor, for Slice bounds, TopK's K and Expand shapes."""
+        return self.const([value]) if isinstance(value, int) else self.op("Unsqueeze", [value, self.const([0])])
+
+    def arange(self, start: int, limit: int | str, step: int) -> str:
+        """[start, limit) by step, int64 (a constant when limit is known)."""
+        if isinstance(limit, int):
+            return self.const(np.arange(start, limit, step))
+        return self.op("Range", [self.const(start), limit, self.const(step)])
+
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def lower_token_merge(node: onnx.NodeProto, num_tokens: int | None = None
+                      ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Standard-op nodes (and constants) computing the same outputs as one TokenMerge node.
 
     Every emitted name starts with the node's name and a slash, and the step's choices are
     the tensors ``<name>/choice_src``, ``/choice_dst``, ``/choice_kept`` ([B, .] int64 input
     token positions, as in atm_export.merge.Choices), so that checks can run one step of a
     lowered graph alone and compare its choices with eager's.
+
+    num_tokens: N when the graph knows it statically. Everything that follows from N (the split,
+    the cap, and r for a fixed r) is then a constant, so shape inference gives static token
+    dimensions (only the batch stays symbolic in a fixed-r graph).
     """
     a = contract.Attributes.from_values(_attrs(node))
     threshold, fixed_r, p = a.threshold, a.fixed_r, a.num_protected
     size_mode = a.split == "size"
     x, size, metric = node.input
-    x_out, size_out, num_tokens = node.output
+    x_out, size_out, num_tokens_out = node.output
     g = _Builder(node.name or "TokenMerge")
+    sub = functools.partial(g.arith, "Sub", operator.sub)
+    div = functools.partial(g.arith, "Div", operator.floordiv)  # of non-negative counts only
+    vec = g.vec
 
-    zero, one, two = g.const(0), g.const(1), g.const(2)
     ax1, ax_last = g.const([1]), g.const([-1])
     shape = g.op("Shape", [x])
-    batch = g.op("Gather", [shape, zero], axis=0)
-    n = g.op("Gather", [shape, one], axis=0)
-    m = g.op("Sub", [n, g.const(p)])
-    cap = g.op("Div", [m, two])  # at most floor(M / 2) pairs merge
+    batch = g.op("Gather", [shape, g.const(0)], axis=0)
+    n = num_tokens if num_tokens is not None else g.op("Gather", [shape, g.const(1)], axis=0)
+    m = sub(n, p)
+    cap = div(m, 2)  # at most floor(M / 2) pairs merge
     first_a, first_b = alternate_starts(p)
     if size_mode:
         num_a = cap  # the floor(M / 2) smallest tokens
     else:  # the even positions in [P, N)
-        num_a = g.op("Div", [g.op("Add", [g.op("Sub", [n, g.const(first_a)]), one]), two])
+        num_a = div(sub(n, first_a - 1), 2)
 
-    def vec(scalar):  # int64 scalar -> [1], for Slice/Expand shapes
-        return g.op("Unsqueeze", [scalar, g.const([0])])
-
-    def expand_rows(index, width_of):  # [B, K] -> [B, K, W] for GatherElements on [B, N, W]
-        w = g.op("Gather", [g.op("Shape", [width_of]), g.const(2)], axis=0)
-        target = g.op("Concat", [g.op("Shape", [index]), vec(w)], axis=0)
-        return g.op("Expand", [g.op("Unsqueeze", [index, ax_last]), target])
+    def expand_rows(index, width_of):  # [B, K] -> [B, K, W] for GatherElements on [B, N, W], N >= 1
+        # index + zeros [1, 1, W] (from width_of's first token): broadcasting, not Expand to a
+        # computed shape, so that shape inference knows [B, K, W] without data propagation.
+        first = g.op("ReduceMax", [g.op("Slice", [width_of, vec(0), vec(1), ax1]), g.const([0])], keepdims=1)
+        zeros = g.op("Mul", [g.op("Cast", [first], to=TensorProto.INT64), g.const(0)])
+        return g.op("Add", [g.op("Unsqueeze", [index, ax_last]), zeros])
 
     # Step 1: split. alternate -> shared 1-D indices (Gather); size -> per-image [B, K] (GatherElements).
     if size_mode:
-        rest = g.op("Slice", [size, vec(g.const(p)), vec(n), ax1])
-        offsets = g.op("Cast", [g.op("Range", [zero, m, one])], to=TensorProto.FLOAT)
+        rest = g.op("Slice", [size, vec(p), vec(n), ax1])
+        offsets = g.op("Cast", [g.arange(0, m, 1)], to=TensorProto.FLOAT)
         # sizes are small integers, so size * M + offset is a unique, exact float32 key:
         # ascending order of the key = stable ascending sort by size.
-        key = g.op("Add", [g.op("Mul", [rest, g.op("Cast", [m], to=TensorProto.FLOAT)]), offsets])
+        key = g.op("Add", [g.op("Mul", [rest, g.op("Cast", [g.tensor(m)], to=TensorProto.FLOAT)]), offsets])
         _, order = g.op("TopK", [key, vec(m)], outputs=2, axis=1, largest=0, sorted=1)
         order = g.op("Add", [order, g.const(p)])
-        split = {"a": g.op("Slice", [order, vec(zero), vec(num_a), ax1]),
+        split = {"a": g.op("Slice", [order, vec(0), vec(num_a), ax1]),
                  "b": g.op("Slice", [order, vec(num_a), vec(m), ax1])}
 
         def take(t, part, tokens_2d=False):
@@ -112,7 +141,7 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
         def token_of(part, index, name):  # positions in A or B [B, K] -> input token positions
             return g.op("GatherElements", [split[part], index], [name], axis=1)
     else:  # ToMe's split of the whole sequence: A at even positions, B at odd ones
-        split = {"a": g.op("Range", [g.const(first_a), n, two]), "b": g.op("Range", [g.const(first_b), n, two])}
+        split = {"a": g.arange(first_a, n, 2), "b": g.arange(first_b, n, 2)}
 
         def take(t, part, tokens_2d=False):
             return g.op("Gather", [t, split[part]], axis=1)
@@ -128,29 +157,34 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
     # Step 3: best partner. The sentinel column keeps ReduceMax/ArgMax defined when B is empty
     # and never wins otherwise (first index wins ties); the sentinel row, sliced off after, keeps
     # A non-empty (ONNX Runtime's reductions return a wrong shape for an empty tensor).
-    no_partner = g.const([[[NO_PARTNER]]], np.float32)
-    sentinel_col = g.op("Expand", [no_partner, g.op("Concat", [vec(batch), vec(num_a), g.const([1])], axis=0)])
+    sa, sb = take(size, "a", tokens_2d=True), take(size, "b", tokens_2d=True)
+
+    def no_partner_like(t):  # NO_PARTNER in t's shape; sizes are finite, so t * 0 = 0. Broadcasting,
+        # not Expand to a computed shape, lets shape inference know the shape without data propagation.
+        return g.op("Add", [g.op("Mul", [t, g.const(0.0, np.float32)]), g.const(NO_PARTNER, np.float32)])
+
+    sentinel_col = no_partner_like(g.op("Unsqueeze", [sa, ax_last]))  # [B, Na, 1]
     sim = g.op("Concat", [sim, sentinel_col], axis=2)
-    width = g.op("Gather", [g.op("Shape", [sim]), two], axis=0)
-    sentinel_row = g.op("Expand", [no_partner, g.op("Concat", [vec(batch), g.const([1]), vec(width)], axis=0)])
+    first_size = g.op("Slice", [size, vec(0), vec(1), ax1])  # [B, 1]: N >= 1
+    sentinel_row = no_partner_like(g.op("Unsqueeze", [g.op("Concat", [sb, first_size], axis=1), ax1]))  # [B, 1, Nb + 1]
     sim = g.op("Concat", [sim, sentinel_row], axis=1)
-    score = g.op("Slice", [g.op("ReduceMax", [sim, ax_last], keepdims=0), vec(zero), vec(num_a), ax1])
-    dst = g.op("Slice", [g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0), vec(zero), vec(num_a), ax1])
+    score = g.op("Slice", [g.op("ReduceMax", [sim, ax_last], keepdims=0), vec(0), vec(num_a), ax1])
+    dst = g.op("Slice", [g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0), vec(0), vec(num_a), ax1])
 
     # Step 4: how many pairs merge (the same r for every image), at most floor(M / 2).
     if fixed_r >= 0:
-        r = g.op("Min", [g.const(fixed_r), cap])
+        r = g.arith("Min", min, fixed_r, cap)
     else:
         above = g.op("Cast", [g.op("Greater", [score, g.const(threshold, np.float32)])], to=TensorProto.INT64)
         total = g.op("ReduceSum", [above], keepdims=0)  # over the whole batch
-        r = g.op("Min", [g.op("Div", [total, batch]), cap])
+        r = g.arith("Min", min, div(total, batch), cap)
 
     # Step 5: rank A by score (descending; TopK breaks ties by lower index); the kept ones
     # go back to A's order (a float32 sort of positions, which are exact below 2^24).
     _, ranked = g.op("TopK", [score, vec(num_a)], outputs=2, axis=1, largest=1, sorted=1)
-    src = g.op("Slice", [ranked, vec(zero), vec(r), ax1])
+    src = g.op("Slice", [ranked, vec(0), vec(r), ax1])
     kept_ranked = g.op("Cast", [g.op("Slice", [ranked, vec(r), vec(num_a), ax1])], to=TensorProto.FLOAT)
-    kept_sorted, _ = g.op("TopK", [kept_ranked, vec(g.op("Sub", [num_a, r]))], outputs=2, axis=1, largest=0, sorted=1)
+    kept_sorted, _ = g.op("TopK", [kept_ranked, vec(sub(num_a, r))], outputs=2, axis=1, largest=0, sorted=1)
     unm = g.op("Cast", [kept_sorted], to=TensorProto.INT64)
     dst_src = g.op("GatherElements", [dst, src], axis=1)
     for part, index, name in zip("aba", (src, dst_src, unm), CHOICE_NAMES):
@@ -158,10 +192,9 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
 
     # Step 6: size-weighted merge; the scatter-add is onehot[B, Nb, r] @ values[B, r, .].
     xa, xb = take(x, "a"), take(x, "b")
-    sa, sb = take(size, "a", tokens_2d=True), take(size, "b", tokens_2d=True)
     src_size = g.op("GatherElements", [sa, src], axis=1)
-    src_x = g.op("GatherElements", [xa, expand_rows(src, xa)], axis=1)
-    slots = g.op("Reshape", [g.op("Range", [zero, g.op("Sub", [m, num_a]), one]), g.const([1, -1, 1])])
+    src_x = g.op("GatherElements", [xa, expand_rows(src, x)], axis=1)
+    slots = g.op("Reshape", [g.arange(0, sub(m, num_a), 1), g.const([1, -1, 1])])
     onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [dst_src, ax1]), slots])], to=TensorProto.FLOAT)
     weighted_src = g.op("Mul", [src_x, g.op("Unsqueeze", [src_size, ax_last])])
     xb_sum = g.op("Add", [g.op("Mul", [xb, g.op("Unsqueeze", [sb, ax_last])]), g.op("MatMul", [onehot, weighted_src])])
@@ -169,13 +202,24 @@ def lower_token_merge(node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[
     xb_new = g.op("Div", [xb_sum, g.op("Unsqueeze", [sb_new, ax_last])])
 
     # Step 7: [protected, kept A (in A's order), B].
-    head = vec(g.const(p))
-    x_kept = g.op("GatherElements", [xa, expand_rows(unm, xa)], axis=1)
+    head = vec(p)
+    x_kept = g.op("GatherElements", [xa, expand_rows(unm, x)], axis=1)
     s_kept = g.op("GatherElements", [sa, unm], axis=1)
-    g.op("Concat", [g.op("Slice", [x, vec(zero), head, ax1]), x_kept, xb_new], [x_out], axis=1)
-    g.op("Concat", [g.op("Slice", [size, vec(zero), head, ax1]), s_kept, sb_new], [size_out], axis=1)
-    g.op("Sub", [n, r], [num_tokens])
+    g.op("Concat", [g.op("Slice", [x, vec(0), head, ax1]), x_kept, xb_new], [x_out], axis=1)
+    g.op("Concat", [g.op("Slice", [size, vec(0), head, ax1]), s_kept, sb_new], [size_out], axis=1)
+    g.op("Sub", [g.tensor(n), g.tensor(r)], [num_tokens_out])
     return g.nodes, g.initializers
+
+
+def static_token_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Tensor name -> its dimension 1 (the token count of a [B, N, C] tensor), where the graph's
+    inputs or value_info (which torch's exporter writes for every tensor) give it statically."""
+    counts = {}
+    for info in (*graph.input, *graph.value_info):
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].HasField("dim_value"):
+            counts[info.name] = dims[1].dim_value
+    return counts
 
 
 def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -186,10 +230,11 @@ def lower_model(model: onnx.ModelProto) -> onnx.ModelProto:
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     graph = lowered.graph
+    static_tokens = static_token_counts(graph)
     new_nodes = []
     for node in graph.node:
         if contract.is_token_merge(node):
-            nodes, inits = lower_token_merge(node)
+            nodes, inits = lower_token_merge(node, static_tokens.get(node.input[0]))
             new_nodes.extend(nodes)
             graph.initializer.extend(inits)
         else:

@@ -12,6 +12,7 @@ The batch dimension is dynamic; token dimensions inside are data-dependent.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -34,14 +35,25 @@ MAX_BATCH = 4096
 
 
 class _ExportView(nn.Module):
-    """``forward`` = the patched model's custom-op forward with explicit attention, for torch.export."""
+    """``forward`` = the patched model's custom-op forward with explicit attention, for torch.export.
 
-    def __init__(self, atm: ATMVisionTransformer):
+    typical_tokens: per block, the sample run's kept tokens (ATMVisionTransformer.forward_export).
+    half: the model runs in float16 between a cast of the images and a cast of the logits back
+    to float32 (an fp16-typed graph whose inputs and outputs stay float32).
+    """
+
+    def __init__(self, atm: ATMVisionTransformer, typical_tokens: list[float] | None = None, half: bool = False):
         super().__init__()
         self.atm = atm
+        self.typical_tokens = typical_tokens
+        self.half = half
 
     def forward(self, images: torch.Tensor):
-        return self.atm.forward_export(images, explicit_attention=True)
+        if not self.half:
+            return self.atm.forward_export(images, explicit_attention=True, typical_tokens=self.typical_tokens)
+        logits, tokens = self.atm.forward_export(images.half(), explicit_attention=True,
+                                                 typical_tokens=self.typical_tokens)
+        return logits.float(), tokens
 
 
 def check_opset(opset: int) -> int:
@@ -91,34 +103,40 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 
 
 def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opset: int = DEFAULT_OPSET,
-                          metadata: dict | None = None, typical_tokens: list[float] | None = None) -> onnx.ModelProto:
+                          metadata: dict | None = None, typical_tokens: list[float] | None = None,
+                          half: bool = False) -> onnx.ModelProto:
     """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step.
 
-    typical_tokens: per block, the tokens a sample run kept after that block's merge; recorded
-    as each node's ``opt_num_tokens`` (TensorRT's tuning value for the data-dependent count).
+    typical_tokens: per block, the tokens a sample run kept after that block's merge; the op's
+    translation records them as each node's ``opt_num_tokens`` (TensorRT's tuning value for the
+    data-dependent count), and the model's input token count as every node's ``max_num_tokens``.
+    half: an fp16-typed graph (``model.fp16.plugin.onnx``): weights and activations float16,
+    merge sizes float32, ``images`` and ``logits`` float32. Strongly typed TensorRT builds
+    (TensorRT 11 always) take their precision from these types. ``atm`` is left unchanged.
     """
     check_opset(opset)
     register_onnx_schema()
-    model = _torch_export(_ExportView(atm).eval(), example, opset, OUTPUT_NAMES,
+    if half:
+        atm = copy.deepcopy(atm).half()  # the caller's model (and the timm model it shares) stay float32
+    model = _torch_export(_ExportView(atm, typical_tokens, half).eval(), example, opset, OUTPUT_NAMES,
                           custom_translation_table=onnx_translation())
     merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
     for node, block in zip([n for n in model.graph.node if contract.is_token_merge(n)], merge_blocks):
         node.name = contract.node_name(block)
-        if typical_tokens:
-            set_int_attribute(node, "opt_num_tokens", max(1, round(typical_tokens[block - 1])))
     _cast_counts_to_int64(model)
     model.graph.name = "atm_vit"
     model.doc_string = "ATM-merged ViT exported by atm-export; see docs/token-merge-op.md"
-    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin", token_merge_version=contract.VERSION)
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="plugin", token_merge_version=contract.VERSION,
+                 dtype="float16" if half else "float32")
     return model
 
 
 def _cast_counts_to_int64(model: onnx.ModelProto) -> None:
     """Follow every TokenMerge's num_tokens with a Cast to int64.
 
-    TensorRT's plugin returns its count as an INT32 size tensor (the type every TensorRT header
-    documents), while the op and the rest of the graph use int64; for ONNX Runtime the cast is
-    a no-op.
+    TensorRT's plugin returns its count as INT32 (a size tensor for an adaptive node, the type
+    every TensorRT header documents), while the op and the rest of the graph use int64; for
+    ONNX Runtime the cast is a no-op.
     """
     nodes = []
     for node in model.graph.node:
@@ -139,12 +157,25 @@ def portable_flavour(plugin_model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+class _HalfView(nn.Module):
+    """A copy of ``module`` in float16 between float32 ``images`` and float32 logits."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = copy.deepcopy(module).half()
+
+    def forward(self, images: torch.Tensor):
+        return self.module(images.half()).float()
+
+
 def export_baseline(vit: nn.Module, example: torch.Tensor, opset: int = DEFAULT_OPSET,
-                    metadata: dict | None = None) -> onnx.ModelProto:
-    """The unmerged timm model (the benchmarks' baseline), with the same input and logits output."""
+                    metadata: dict | None = None, half: bool = False) -> onnx.ModelProto:
+    """The unmerged timm model (the benchmarks' baseline), with the same input and logits output;
+    half: fp16-typed like export_plugin_flavour's (``vit`` is left unchanged)."""
     check_opset(opset)
-    model = _torch_export(vit.eval(), example, opset, OUTPUT_NAMES[:1])
-    set_metadata(model, **(metadata or {}), version=__version__, flavour="baseline")
+    model = _torch_export((_HalfView(vit) if half else vit).eval(), example, opset, OUTPUT_NAMES[:1])
+    set_metadata(model, **(metadata or {}), version=__version__, flavour="baseline",
+                 dtype="float16" if half else "float32")
     return model
 
 

@@ -16,7 +16,8 @@ def run_benchmark(bundle: Bundle, model: Model, flops: Flops, opts, console: Con
     Without ``--bench-schedule`` the merged models merge the sample images as they would (cycled
     to each batch size); with it, they replay one fixed token schedule (Bundle.with_schedule).
     """
-    from ..bench import NOISY_SPREAD, TimingPlan, benchmark, parse_schedule, schedule_gflops
+    from ..bench import NOISY_SPREAD, TimingPlan, benchmark
+    from ..fixed_schedule import parse_schedule, schedule_gflops
     from ..flops import ViTDims
 
     timed, schedule, gflops = bundle, None, flops.atm

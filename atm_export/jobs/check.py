@@ -19,20 +19,26 @@ import json
 from pathlib import Path
 
 import onnx
+import torch
 
 from .. import contract
 from ..console import Console
 from ..errors import ArtifactMismatchError, ParityError, UserError
 from ..export.bundle import Bundle
 from ..export.onnx import check_model, read_metadata
+from ..fixed_schedule import checked_schedule, replay_model
+from ..flops import ViTDims
 from ..patch import ATMVisionTransformer, patch_model
 from ..registry import resolve_model
 from ..report.model import BackendParity, Report, ReportSchemaError, load_report
 from ..schedule import MergeConfig
 from ..weights import RANDOM_SEED, create_model, file_sha256
-from .common import check_parity, run_flops, run_params, run_tokens, sample_batch
+from .common import check_parity, check_static_parity, run_flops, run_params, run_tokens, sample_batch
 
-FLAVOURS = {"model.onnx": "portable", "model.plugin.onnx": "plugin"}
+FLAVOURS = {"model.onnx": "portable", "model.plugin.onnx": "plugin",
+            "model.static.onnx": "portable", "model.static.plugin.onnx": "plugin",
+            # fp16-typed graphs (--trt-precision fp16): validated as files; parity is the engine's
+            "model.fp16.plugin.onnx": "plugin", "model.static.fp16.plugin.onnx": "plugin"}
 
 
 def read_report(directory: Path) -> Report:
@@ -121,6 +127,33 @@ def artifact_differences(report: Report, bundle: Bundle) -> list[str]:
         difference = lowering_difference(bundle.portable, bundle.plugin)
         if difference:
             problems.append(difference)
+    if bundle.static is not None:
+        problems += static_differences(report, bundle.static)
+    return problems
+
+
+def static_differences(report: Report, static: Bundle) -> list[str]:
+    """Every way the static-schedule artifacts differ from the schedule report.json records."""
+    from ..export.integrity import lowering_difference, merge_node_differences
+    from ..fixed_schedule import schedule_gflops
+    from ..schedule import r_from_tokens
+
+    atm, recorded = static.atm, report.static_schedule
+    problems = []
+    r = r_from_tokens(static.schedule, atm.num_protected, atm.class_token_head)
+    if recorded.r_per_layer != r:
+        problems.append(f"report.json's static_schedule.r_per_layer {recorded.r_per_layer} is not what its "
+                        f"tokens_per_layer give ({r})")
+    gflops = round(schedule_gflops(ViTDims.from_timm(atm.vit), static.schedule, atm.class_token_head), 4)
+    if abs(recorded.gflops - gflops) > 1e-4:
+        problems.append(f"report.json's static_schedule.gflops is {recorded.gflops}, its schedule gives {gflops}")
+    if static.plugin is not None:
+        problems += [f"model.static.plugin.onnx: {p}"
+                     for p in merge_node_differences(static.plugin, atm.steps, atm.num_protected)]
+    if static.plugin is not None and static.portable is not None:
+        difference = lowering_difference(static.portable, static.plugin, ("model.static.onnx", "model.static.plugin.onnx"))
+        if difference:
+            problems.append(difference)
     return problems
 
 
@@ -166,10 +199,20 @@ def open_artifacts(directory: Path, weights: str | None = None) -> tuple[Report,
         raise UserError(f"{directory} holds no ONNX artifacts (report.json lists none)")
     vit = rebuild_model(report, weights)
     atm = patch_model(vit, config_from_report(report.settings.params))
-    engine = directory / "model.engine"
     bundle = Bundle(atm=atm, vit=vit, plugin=models.get("model.plugin.onnx"), portable=models.get("model.onnx"),
-                    engine=engine.read_bytes() if engine.is_file() else None, engine_info=report.tensorrt)
+                    engine=_engine(directory / "model.engine"), engine_info=report.tensorrt)
+    static = report.static_schedule
+    if static is not None:
+        tokens = checked_schedule(static.tokens_per_layer, ViTDims.from_timm(vit), "report.json's static_schedule")
+        bundle.static = Bundle(atm=replay_model(atm, tokens), vit=vit, plugin=models.get("model.static.plugin.onnx"),
+                               portable=models.get("model.static.onnx"),
+                               engine=_engine(directory / "model.static.engine"), engine_info=report.tensorrt,
+                               schedule=tokens)
     return report, bundle
+
+
+def _engine(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 def check_artifacts(directory: Path, weights: str | None = None, strict: bool = False, console: Console | None = None,
@@ -184,7 +227,8 @@ def check_artifacts(directory: Path, weights: str | None = None, strict: bool = 
     from ..parity import reference_run
 
     console = console or Console(verbosity=0)
-    console.plan(4 + more_steps)
+    static = (opened[0] if opened else read_report(directory)).static_schedule is not None
+    console.plan(4 + static + more_steps)
     with console.step(f"rebuilding the eager model from {directory / 'report.json'}"):
         report, bundle = opened or open_artifacts(directory, weights)
         atm, vit = bundle.atm, bundle.vit
@@ -209,7 +253,10 @@ def check_artifacts(directory: Path, weights: str | None = None, strict: bool = 
     if bundle.engine is not None and "tensorrt" not in names:
         console.note(f"model.engine not checked: {unavailable('tensorrt', bundle)}")
     precisions = {"tensorrt": (report.tensorrt or {}).get("precision", "fp32")}
-    results = check_parity(bundle, names, refs, console, strict=strict, atol=atol, rtol=rtol, precisions=precisions)
+    options = dict(strict=strict, atol=atol, rtol=rtol, precisions=precisions)
+    results = check_parity(bundle, names, refs, console, **options)
+    if bundle.static is not None:
+        results.update(check_static_parity(bundle.static, [torch.from_numpy(r.images) for r in refs], console, **options))
     failed = [n for n, r in results.items() if r.fails_run]
     if failed:
         worst = results[failed[0]]

@@ -37,6 +37,7 @@ class Model:
     weights: WeightsInfo
     batch: torch.Tensor
     images: dict  # source, count
+    static_tokens: list[int] | None = None  # --static-schedule's tokens per block, when known before the sample run
 
 
 def sample_batch(model, images_dir: str | None, batch_size: int) -> tuple[torch.Tensor, dict]:
@@ -75,6 +76,14 @@ def run_tokens(stats) -> Tokens:
                   max=[int(max(b)) for b in per_block], merged=[float(r) for r in stats.r_per_layer])
 
 
+def deployment_info(model: Model) -> dict:
+    """The signature and preprocessing of the run's merged graphs, for report.json and metadata."""
+    from ..export.signature import preprocessing, signature
+
+    vit = model.atm.vit
+    return {"signature": signature(vit, model.atm.depth), "preprocessing": preprocessing(vit)}
+
+
 def created() -> str:
     """When a report is made: UTC, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -98,8 +107,10 @@ def environment() -> dict:
 
 def check_parity(bundle, names: list[str], refs: list[Reference], console: Console, *, strict: bool = False,
                  atol: float | None = None, rtol: float | None = None,
-                 precisions: dict[str, str] | None = None, plugin_library: str | None = None) -> dict[str, BackendParity]:
-    """Every backend of ``names`` against the eager references (one step, a note per backend).
+                 precisions: dict[str, str] | None = None, plugin_library: str | None = None,
+                 against: str = "eager PyTorch") -> dict[str, BackendParity]:
+    """Every backend of ``names`` against the eager references (one step, a note per backend;
+    ``against`` names the references in the step's title).
 
     The ONNX Runtime backends also get the replay and lowering checks (atm_export.parity).
     atol, rtol: replace the default tolerance of each backend's precision when given.
@@ -110,7 +121,7 @@ def check_parity(bundle, names: list[str], refs: list[Reference], console: Conso
                                  bundle.portable, tolerance_for("fp32", atol, rtol))
     results = {}
     sizes = [r.images.shape[0] for r in refs]
-    with console.step(f"parity against eager PyTorch at batch sizes {sizes}: {', '.join(names)}"):
+    with console.step(f"parity against {against} at batch sizes {sizes}: {', '.join(names)}"):
         for name in names:
             precision = (precisions or {}).get(name, "fp32")
             tol = tolerance_for(precision, atol, rtol)
@@ -124,3 +135,18 @@ def check_parity(bundle, names: list[str], refs: list[Reference], console: Conso
             for note in parity.notes:
                 console.note(f"{name}, {note}", detail=parity.status == "passed")
     return results
+
+
+def check_static_parity(static, batches: list[torch.Tensor], console: Console, *, tensorrt: bool = True,
+                        **options) -> dict[str, BackendParity]:
+    """Parity of the static-schedule models (a bundle's ``static``) against the eager model that
+    replays their schedule, on ``batches``; keyed ``<backend>_static``. tensorrt=False leaves
+    the engine out; ``options``: those of ``check_parity``."""
+    from ..backends import unavailable
+    from ..parity import reference_run
+
+    names = [n for n in ("ort_portable", "ort_plugin", "tensorrt")
+             if unavailable(n, static) is None and (tensorrt or n != "tensorrt")]
+    refs = [reference_run(static.atm, b) for b in batches]
+    results = check_parity(static, names, refs, console, against="the eager replay of the static schedule", **options)
+    return {f"{name}_static": result for name, result in results.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import ArtifactWriter, open_output
-from ..backends import MERGED, unavailable
+from ..backends import MERGED, STATIC, unavailable
 from ..console import Console
 from ..errors import ParityError, UserError
 from ..export.bundle import Bundle
@@ -25,7 +25,7 @@ from ..report.model import Flops, Report
 from ..settings import Settings, settings_for
 from ..weights import create_model
 from .benchmark import run_benchmark
-from .common import Model, check_parity, run_flops, run_params, sample_batch
+from .common import Model, check_parity, check_static_parity, deployment_info, run_flops, run_params, sample_batch
 from .outputs import build_report, merge_map_blocks, write_report
 
 
@@ -52,12 +52,16 @@ class JobOptions:
     bench_runs: int = 5  # at least this many timed runs per measurement ...
     bench_time: float = 2.0  # ... and at least this many seconds
     bench_schedule: str | None = None
+    static_schedule: str | None = None  # also export fixed-r models: "sample", gflops:G, a JSON file, or counts
+    triton: str | None = None  # write a Triton model repository there
+    triton_max_batch: int | None = None  # Triton's max_batch_size for ONNX Runtime models (default: the engine's)
     tensorrt: bool = True
     trt_precision: str = "fp32"
     trt_plugin: str | None = None
     trt_min_batch: int | None = None  # the engine's batch range; None: from the batches this run uses
     trt_opt_batch: int | None = None
     trt_max_batch: int | None = None
+    trt_timing_cache: str | None = None  # None: the default file; "none": no timing cache
     visualize: bool = False
     visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
 
@@ -67,7 +71,8 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
     writing the artifacts and the report) when a backend disagrees with eager PyTorch."""
     console = console or Console(verbosity=0)
     entry, settings, engines = check_options(opts)
-    console.plan(2 + 2 * opts.export + engines + 1 + opts.benchmark + 1)
+    static = opts.export and bool(opts.static_schedule)
+    console.plan(2 + 2 * opts.export + 2 * static + engines + 1 + opts.benchmark + bool(opts.triton) + 1)
     with open_output(opts.output, opts.force) as writer:
         if writer.removed_stale:
             console.note(f"removed {len(writer.removed_stale)} staging director"
@@ -79,13 +84,18 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
         bundle = export(model, stats, opts, writer, skipped, console, engines)
         names = compared_backends(bundle, opts, skipped)
         refs = [sample_ref] + [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)[1:]]
-        parity = check_parity(bundle, names, refs,
-                              console, strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
+        parity_options = dict(strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
                               precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
+        parity = check_parity(bundle, names, refs, console, **parity_options)
+        if bundle.static is not None:
+            parity.update(check_static_parity(bundle.static, parity_batches(model.batch, opts), console,
+                                              tensorrt=opts.tensorrt, **parity_options))
         benchmark = run_benchmark(bundle, model, flops, opts, console) if opts.benchmark else None
         if not opts.benchmark:
             skipped["benchmark"] = "not requested (--no-benchmark)"
-        report = build_report(model, stats, flops, parity, benchmark, bundle, skipped)
+        serving = write_triton(bundle, opts, skipped, console) if opts.triton else None
+        report = build_report(model, stats, flops, parity, benchmark, bundle, skipped, static_info(bundle, model, opts),
+                              serving)
         write_report(report, model, opts, writer, console)
     if report.status == "failed":
         failed = [name for name, p in report.parity.items() if p.fails_run]
@@ -115,6 +125,16 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
         if settings.config.per_image:
             raise UserError("the atm-per-image policy is for comparisons in PyTorch; exported models "
                             "merge batch-adaptively (use --policy atm, or --no-onnx)")
+    if opts.static_schedule and not opts.export:
+        raise UserError("--static-schedule exports ONNX: drop --no-onnx")
+    if opts.triton:
+        from ..serving.triton import check_destination
+
+        if not opts.export:
+            raise UserError("--triton serves the exported models: drop --no-onnx")
+        if opts.triton_max_batch is not None and opts.triton_max_batch < 1:
+            raise UserError(f"--triton-max-batch must be at least 1, got {opts.triton_max_batch}")
+        check_destination(Path(opts.triton).resolve(), opts.force)
     if opts.bench_schedule and not opts.benchmark:
         raise UserError("--bench-schedule needs the benchmark (drop --no-benchmark)")
     if opts.bench_runs < 1 or opts.bench_time < 0:
@@ -129,10 +149,10 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
 
         import tensorrt
 
-        from ..backends.tensorrt import precision_flags
+        from ..backends.tensorrt import build_mode
 
         load_plugin(opts.trt_plugin)  # a missing plugin fails now, not after the export
-        precision_flags(tensorrt.BuilderFlag, opts.trt_precision)  # so does fp16 on a strongly typed TensorRT
+        build_mode(tensorrt, opts.trt_precision)  # so does a precision this TensorRT cannot build
     return entry, settings, engines
 
 
@@ -145,8 +165,27 @@ def load(opts: JobOptions, entry: ModelEntry, settings: Settings, console: Conso
             merge_map_blocks(atm, opts.visualize_blocks)  # wrong blocks fail now, not at the end
         if weights.random:
             console.warn("random weights (--random-init): outputs do not reflect a trained model")
+        static = static_schedule(opts.static_schedule, atm) if opts.static_schedule != SAMPLE else None
         batch, images = sample_batch(vit, opts.images, opts.batch_size)
-    return Model(entry, settings, atm, weights, batch, images)
+    return Model(entry, settings, atm, weights, batch, images, static_tokens=static)
+
+
+#: ``--static-schedule sample``: the sample run's own token counts.
+SAMPLE = "sample"
+
+
+def static_schedule(spec: str | None, atm, stats=None) -> list[int] | None:
+    """Tokens entering each block of the static-schedule models: the sample run's (``stats``)
+    for ``sample``, else from ``spec`` as --bench-schedule reads it (UserError when impossible)."""
+    from ..fixed_schedule import checked_schedule, parse_schedule
+    from ..flops import ViTDims
+
+    if not spec:
+        return None
+    dims = ViTDims.from_timm(atm.vit)
+    if spec == SAMPLE:
+        return checked_schedule(stats.tokens_per_layer, dims, "--static-schedule")
+    return parse_schedule(spec, dims, atm.class_token_head, option="--static-schedule")
 
 
 def run_sample(model: Model, console: Console) -> tuple[Reference, Flops]:
@@ -176,13 +215,15 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
     example = model.batch[:2]
     metadata = {"model": model.entry.display_name, "timm_name": model.entry.timm_name,
                 "params": run_params(model.settings.config, model.atm), "preset": model.settings.to_dict()["preset"],
-                "weights": model.weights.to_dict()}
+                "weights": model.weights.to_dict(), **deployment_info(model)}
     with console.step("exporting model.plugin.onnx (one TokenMerge node per merge step)"):
-        with console.progress(1 + opts.benchmark, unit="graph") as advance:
+        with console.progress(1 + opts.benchmark, unit="graph") as advance:  # the fp16 graph counts with its flavour
             kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
             bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept)
             check_model(bundle.plugin, "plugin")
             onnx.save(bundle.plugin, writer.path("model.plugin.onnx"))
+            if opts.trt_precision == "fp16":
+                save_fp16(model.atm, example, opts, metadata, writer, "model.fp16.plugin.onnx", kept)
             advance()
             if opts.benchmark:
                 bundle.baseline = export_baseline(model.atm.vit, example, opts.opset)
@@ -191,9 +232,64 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
         bundle.portable = portable_flavour(bundle.plugin)
         check_model(bundle.portable, "portable")
         onnx.save(bundle.portable, writer.path("model.onnx"))
+    if opts.static_schedule:
+        export_static(bundle, model, stats, opts, writer, metadata, console)
     if engines:
         build_engines(bundle, model, opts, writer, console)
     return bundle
+
+
+def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer: ArtifactWriter, metadata: dict,
+                  console: Console) -> None:
+    """model.static.plugin.onnx and model.static.onnx: every merge step merges a fixed r, so every
+    token count is a static dimension and only the batch stays dynamic (bundle.static, with the
+    eager model that replays the same schedule)."""
+    from ..export.onnx import check_model, export_plugin_flavour, portable_flavour
+    from ..fixed_schedule import replay_model
+
+    import onnx
+
+    tokens = model.static_tokens or static_schedule(opts.static_schedule, model.atm, stats)
+    with console.step(f"exporting the static-schedule models (tokens entering each block {tokens})"):
+        replaying = replay_model(model.atm, tokens)
+        static_meta = {**metadata, "params": run_params(replaying.config, replaying),
+                       "static_schedule": {"tokens_per_layer": tokens, "source": opts.static_schedule}}
+        plugin = export_plugin_flavour(replaying, model.batch[:2], opts.opset, static_meta)
+        check_model(plugin, "plugin")
+        onnx.save(plugin, writer.path("model.static.plugin.onnx"))
+        portable = portable_flavour(plugin)
+        check_model(portable, "portable")
+        onnx.save(portable, writer.path("model.static.onnx"))
+        if opts.trt_precision == "fp16":
+            save_fp16(replaying, model.batch[:2], opts, static_meta, writer, "model.static.fp16.plugin.onnx")
+    bundle.static = Bundle(atm=replaying, vit=model.atm.vit, plugin=plugin, portable=portable, schedule=tokens)
+
+
+def save_fp16(atm, example: torch.Tensor, opts: JobOptions, metadata: dict, writer: ArtifactWriter, name: str,
+              typical_tokens: list[float] | None = None) -> None:
+    """The fp16-typed plugin graph of ``atm`` (what --trt-precision fp16 engines are built from)."""
+    import onnx
+
+    from ..export.onnx import check_model, export_plugin_flavour
+
+    graph = export_plugin_flavour(atm, example, opts.opset, metadata, typical_tokens=typical_tokens, half=True)
+    check_model(graph, "plugin")
+    onnx.save(graph, writer.path(name))
+
+
+def static_info(bundle: Bundle, model: Model, opts: JobOptions) -> dict | None:
+    """What report.json says of the static-schedule models."""
+    from ..fixed_schedule import schedule_gflops
+    from ..flops import ViTDims
+    from ..schedule import r_from_tokens
+
+    static = bundle.static
+    if static is None:
+        return None
+    atm = model.atm
+    return {"source": opts.static_schedule, "tokens_per_layer": static.schedule,
+            "r_per_layer": r_from_tokens(static.schedule, atm.num_protected, atm.class_token_head),
+            "gflops": round(schedule_gflops(ViTDims.from_timm(atm.vit), static.schedule, atm.class_token_head), 4)}
 
 
 def engine_batches(opts: JobOptions) -> tuple[int, int, int]:
@@ -215,12 +311,18 @@ def engine_batches(opts: JobOptions) -> tuple[int, int, int]:
     return low, opt, high
 
 
+#: ``--trt-timing-cache none``: build without a timing cache.
+NO_TIMING_CACHE = "none"
+
+
 def engine_spec(opts: JobOptions):
     """The EngineSpec of every engine the run builds (batch range and precision)."""
-    from ..backends.tensorrt import EngineSpec
+    from ..backends.tensorrt import EngineSpec, default_timing_cache
 
     low, opt, high = engine_batches(opts)
-    return EngineSpec(min_batch=low, opt_batch=opt, max_batch=high, precision=opts.trt_precision)
+    cache = opts.trt_timing_cache
+    cache = str(default_timing_cache()) if cache is None else (None if cache == NO_TIMING_CACHE else cache)
+    return EngineSpec(min_batch=low, opt_batch=opt, max_batch=high, precision=opts.trt_precision, timing_cache=cache)
 
 
 def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: ArtifactWriter, console: Console) -> None:
@@ -228,23 +330,50 @@ def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: Artifa
 
     spec = engine_spec(opts)
     with console.step(f"building the TensorRT engine ({spec.precision}, batch {spec.min_batch}..{spec.max_batch})"):
-        bundle.engine = trt.build_engine(writer.path("model.plugin.onnx"), spec, opts.trt_plugin)
+        # fp16 engines are built from the fp16-typed graphs (strongly typed builds take their types).
+        fp16 = ".fp16" if spec.precision == "fp16" else ""
+        bundle.engine = trt.build_engine(writer.path(f"model{fp16}.plugin.onnx"), spec, opts.trt_plugin)
         writer.path("model.engine").write_bytes(bundle.engine)
+        if bundle.static is not None:
+            bundle.static.engine = trt.build_engine(writer.path(f"model.static{fp16}.plugin.onnx"), spec, opts.trt_plugin)
+            writer.path("model.static.engine").write_bytes(bundle.static.engine)
         if bundle.baseline is not None:
-            bundle.engine_baseline = trt.build_engine_from_model(bundle.baseline, spec)
+            from ..export.onnx import export_baseline
+
+            baseline = export_baseline(model.atm.vit, model.batch[:2], opts.opset, half=True) if fp16 else bundle.baseline
+            bundle.engine_baseline = trt.build_engine_from_model(baseline, spec)
         import tensorrt
 
-        _, _, flags = trt.precision_flags(tensorrt.BuilderFlag, spec.precision)
+        flags = trt.build_mode(tensorrt, spec.precision).record
         bundle.engine_info = {**trt.device_info(), "precision": spec.precision, **flags,
                               "profile": {"min": spec.min_batch, "opt": spec.opt_batch, "max": spec.max_batch},
+                              "timing_cache": spec.timing_cache,
                               "plugin_library": str(trt.load_plugin(opts.trt_plugin))}
+        if bundle.static is not None:
+            bundle.static.engine_info = bundle.engine_info
+
+
+def write_triton(bundle: Bundle, opts: JobOptions, skipped: dict, console: Console) -> dict:
+    """The Triton model repository of the run's models (docs/serving.md); what it holds, for the
+    report. Models that cannot be made here (a TensorRT plan without TensorRT) go to ``skipped``."""
+    from ..serving import triton
+
+    spec = engine_spec(opts) if opts.tensorrt else None
+    max_batch = opts.triton_max_batch or engine_batches(opts)[2]
+    with console.step(f"writing the Triton model repository {opts.triton}"):
+        repo = triton.write_repository(opts.triton, triton.bundle_flavours(bundle, spec), max_batch_size=max_batch,
+                                       plugin_library=opts.trt_plugin, force=opts.force)
+        for name, reason in repo.skipped.items():
+            skipped[f"triton {name}"] = reason
+        console.note(f"models: {', '.join(f'{n} ({r})' for n, r in repo.models.items())}")
+    return {"path": str(repo.path), "models": repo.models, "max_batch_size": max_batch}
 
 
 def compared_backends(bundle: Bundle, opts: JobOptions, skipped: dict) -> list[str]:
     """The merged backends this run compares with eager PyTorch; the others go to ``skipped``
     with the reason (those that need ONNX are covered by skipped["onnx"] under --no-onnx)."""
     names = []
-    for name in MERGED:
+    for name in (n for n in MERGED if n not in STATIC):
         reason = "not requested (--no-tensorrt)" if name == "tensorrt" and not opts.tensorrt else unavailable(name, bundle)
         if reason is None:
             names.append(name)

@@ -13,11 +13,11 @@ file, written whether the gate passes or not.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import accuracy as A
+from ..artifacts import write_atomic
 from ..console import Console
 from ..data import open_folder
 from ..errors import AccuracyGateError, ArtifactMismatchError, UserError
@@ -110,12 +110,5 @@ def run_gate(directory: Path, report: Report, bundle: Bundle, gate: GateOptions,
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half a file."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.part")
-    try:
-        partial.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(partial, path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    """Write ``data`` as JSON to ``path``, atomically."""
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())

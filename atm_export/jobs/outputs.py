@@ -7,18 +7,18 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts import ArtifactWriter
+from ..artifacts import ARTIFACT_NAMES, ArtifactWriter
 from ..backends import BASELINES
 from ..console import Console
 from ..errors import UserError
 from ..export.bundle import Bundle
 from ..patch import patch_model
-from ..report.model import SCHEMA_VERSION, Benchmark, Flops, Report, SettingsInfo
-from .common import Model, created, environment, model_info, run_params, run_tokens
+from ..report.model import SCHEMA_VERSION, Benchmark, Flops, Report, SettingsInfo, StaticSchedule
+from .common import Model, created, deployment_info, environment, model_info, run_params, run_tokens
 
 
 def build_report(model: Model, stats, flops: Flops, parity: dict, benchmark: Benchmark | None, bundle: Bundle,
-                 skipped: dict) -> Report:
+                 skipped: dict, static: dict | None = None, triton: dict | None = None) -> Report:
     entry = model.entry
     if entry.paper_model:
         preset = model.settings.preset
@@ -31,6 +31,9 @@ def build_report(model: Model, stats, flops: Flops, parity: dict, benchmark: Ben
         settings=SettingsInfo(**model.settings.to_dict(), params=run_params(model.settings.config, model.atm)),
         weights=model.weights.to_dict(), images=model.images, flops=flops, tokens=run_tokens(stats),
         parity=parity, benchmark=benchmark, tensorrt=bundle.engine_info, skipped=skipped,
+        static_schedule=None if static is None else StaticSchedule(**static),
+        triton=triton,
+        **deployment_info(model),
         warnings=[model.weights.to_dict()["warning"]] if model.weights.random else [],
         environment=environment())
     report.status = report.overall_status()
@@ -54,10 +57,21 @@ def write_report(report: Report, model: Model, opts, writer: ArtifactWriter, con
         if opts.visualize:
             draw_merge_maps(model, opts, writer.path("merge_maps.png"))
         report.pictures = [n for n in ("tokens.png", "latency.png", "merge_maps.png") if writer.staged(n)]
-        report.artifacts = [n for n in ("model.onnx", "model.plugin.onnx", "model.engine") if writer.staged(n)]
+        report.artifacts = [n for n in ARTIFACT_NAMES if n.startswith("model.") and writer.staged(n)]
         report.artifacts += ["report.json", "report.md", *report.pictures]
-        writer.write_text("report.md", render_markdown(report))
+        writer.write_text("report.md", render_markdown(report, opts.output, plugin_library(report, opts)))
         writer.write_text("report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def plugin_library(report: Report, opts) -> str | None:
+    """The TensorRT plugin library the next steps name: the one the engine was built with, the
+    one given, or the one `atm-export build-plugin` built (None where there is none)."""
+    from ..plugin_lib import find_plugin_library
+
+    if report.tensorrt and report.tensorrt.get("plugin_library"):
+        return report.tensorrt["plugin_library"]
+    found = opts.trt_plugin or find_plugin_library()
+    return None if found is None else str(Path(found).resolve())
 
 
 def merge_map_blocks(atm, requested: tuple[int, ...] | None) -> list[int]:

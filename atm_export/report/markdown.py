@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .model import Benchmark, Report
+from .next_steps import next_steps
 
 LEGEND = [
     ("status", "passed: every backend matches eager PyTorch; failed: one does not; inconclusive: a "
@@ -132,6 +135,11 @@ def _rest(report: Report) -> list[str]:
     return lines
 
 
-def render_markdown(report: Report) -> str:
-    lines = [*_overview(report), *_flops_and_tokens(report), *_parity(report), *_benchmark(report), *_rest(report)]
+def render_markdown(report: Report, directory: Path | None = None, plugin_library: str | None = None) -> str:
+    """report.md. With ``directory`` (where the files end up), it ends with the next steps for
+    them (``plugin_library``: the TensorRT plugin's path, where known)."""
+    lines = [*_overview(report), *_flops_and_tokens(report), *_parity(report), *_benchmark(report)]
+    if directory is not None:
+        lines += next_steps(report, directory, plugin_library)
+    lines += _rest(report)
     return "\n".join(lines) + "\n"

@@ -123,6 +123,16 @@ class Benchmark:
 
 
 @dataclass
+class StaticSchedule:
+    """The static-schedule models (--static-schedule): the fixed schedule they follow."""
+
+    source: str  # "sample", gflops:G, a JSON file, or the counts given
+    tokens_per_layer: list[int]  # tokens entering each block
+    r_per_layer: list[int]  # pairs each block merges
+    gflops: float  # of one image following the schedule
+
+
+@dataclass
 class Report:
     schema_version: int
     status: str  # passed / failed / inconclusive: the parity verdict of the run
@@ -137,6 +147,10 @@ class Report:
     parity: dict[str, BackendParity] = field(default_factory=dict)
     benchmark: Benchmark | None = None
     tensorrt: dict | None = None
+    static_schedule: StaticSchedule | None = None
+    triton: dict | None = None  # the Triton model repository written (--triton): path, models, max_batch_size
+    signature: dict = field(default_factory=dict)  # inputs and outputs of the merged graphs
+    preprocessing: dict = field(default_factory=dict)  # what an image goes through before `images`
     skipped: dict[str, str] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)

@@ -219,15 +219,17 @@ struct Fields
     int32_t splitMode;
     int32_t numProtected;
     int32_t optNumTokens;
+    int32_t maxNumTokens;
     std::vector<PluginField> list;
 
-    //! optNumTokens -1: the field is absent, as for a node without the attribute.
-    Fields(float t, int32_t r, int32_t s, int32_t p, int32_t opt = -1)
+    //! optNumTokens / maxNumTokens -1: the field is absent, as for a node without the attribute.
+    Fields(float t, int32_t r, int32_t s, int32_t p, int32_t opt = -1, int32_t maxN = -1)
         : threshold(t)
         , fixedR(r)
         , splitMode(s)
         , numProtected(p)
         , optNumTokens(opt)
+        , maxNumTokens(maxN)
     {
         // What the ONNX parser passes: float attributes as FLOAT32, int attributes as INT32.
         list.emplace_back(ATM_TOKEN_MERGE_ATTR_THRESHOLD, &threshold, PluginFieldType::kFLOAT32, 1);
@@ -237,6 +239,10 @@ struct Fields
         if (opt != -1)
         {
             list.emplace_back(ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS, &optNumTokens, PluginFieldType::kINT32, 1);
+        }
+        if (maxN != -1)
+        {
+            list.emplace_back(ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS, &maxNumTokens, PluginFieldType::kINT32, 1);
         }
     }
     PluginFieldCollection collection() const
@@ -320,17 +326,18 @@ IPluginCreatorV3One* creatorFromEntryPoint()
     check(std::strcmp(creator->getPluginNamespace(), ATM_TOKEN_MERGE_PLUGIN_NAMESPACE) == 0,
         "creator namespace " ATM_TOKEN_MERGE_PLUGIN_NAMESPACE);
     PluginFieldCollection const* names = creator->getFieldNames();
-    bool namesOk = names != nullptr && names->nbFields == 5;
+    bool namesOk = names != nullptr && names->nbFields == 6;
     for (int32_t i = 0; namesOk && i < names->nbFields; ++i)
     {
         std::string const n = names->fields[i].name;
         PluginFieldType const t = names->fields[i].type;
         namesOk = (n == ATM_TOKEN_MERGE_ATTR_THRESHOLD && t == PluginFieldType::kFLOAT32)
             || ((n == ATM_TOKEN_MERGE_ATTR_FIXED_R || n == ATM_TOKEN_MERGE_ATTR_SPLIT_MODE
-                    || n == ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED || n == ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS)
+                    || n == ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED || n == ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS
+                    || n == ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS)
                 && t == PluginFieldType::kINT32);
     }
-    check(namesOk, "getFieldNames: threshold FLOAT32, fixed_r/split_mode/num_protected/opt_num_tokens INT32");
+    check(namesOk, "getFieldNames: threshold FLOAT32, fixed_r/split_mode/num_protected/opt_num_tokens/max_num_tokens INT32");
     return creator;
 }
 
@@ -441,26 +448,32 @@ void checkShapes(IPluginCreatorV3One* creator)
         int32_t numProtected;
         int64_t n;
         bool constantN;
-        int64_t expectedOpt;
+        int64_t expectedOpt; // fixed r: K itself
         char const* what;
         int32_t optNumTokens;
+        int32_t maxNumTokens;
+        int64_t expectedUpper; // adaptive only
     };
     // DeiT-S: N = 197, P = 1 -> M = 196, at most floor(M / 2) = 98 merges (ToMe's cap).
     Case const cases[] = {
-        {1.0f, 16, 1, 197, true, 181, "fixed r = 16: opt = N - 16", -1},
-        {1.0f, 500, 1, 197, true, 99, "fixed r > floor(M / 2): opt = N - 98", -1},
-        {1.0f, 500, 1, 198, true, 100, "M = 197 odd: the cap is floor(M / 2) = 98, opt = N - 98", -1},
-        {0.9f, -1, 1, 197, true, 148, "threshold: opt = N - floor(floor(M / 2) / 2)", -1},
-        {0.9f, -1, 1, 4, true, 4, "threshold, M = 3: floor(floor(3 / 2) / 2) = 0, opt = N", -1},
-        {0.9f, 4, 2, 3, true, 3, "N - P = 1, P even (no B token): opt = N", -1},
-        {0.9f, 4, 1, 2, true, 2, "N - P = 1, P odd (no A token): opt = N", -1},
-        {0.9f, -1, 1, 197, true, 120, "opt_num_tokens set: opt = its value", 120},
-        {0.9f, -1, 1, 150, false, 120, "N from an earlier merge, opt_num_tokens set: opt = its value", 120},
-        {0.9f, -1, 1, 150, false, 2, "N from an earlier merge, no opt_num_tokens: a constant (P + 1), never N", -1},
+        {1.0f, 16, 1, 197, true, 181, "fixed r = 16: K = N - 16, a constant", -1, -1, 0},
+        {1.0f, 500, 1, 197, true, 99, "fixed r > floor(M / 2): K = N - 98", -1, -1, 0},
+        {1.0f, 500, 1, 198, true, 100, "M = 197 odd: the cap is floor(M / 2) = 98, K = N - 98", -1, -1, 0},
+        {0.9f, 4, 2, 3, true, 3, "fixed r, N - P = 1, P even (no B token): K = N", -1, -1, 0},
+        {0.9f, 4, 1, 2, true, 2, "fixed r, N - P = 1, P odd (no A token): K = N", -1, -1, 0},
+        {1.0f, 16, 1, 150, false, 134, "fixed r after an adaptive merge: K = N - 16, an expression of N", 120, 197, 0},
+        {0.9f, -1, 1, 197, true, 148, "threshold: opt = N - floor(floor(M / 2) / 2), upper = N", -1, -1, 197},
+        {0.9f, -1, 1, 4, true, 4, "threshold, M = 3: floor(floor(3 / 2) / 2) = 0, opt = N", -1, -1, 4},
+        {0.9f, -1, 1, 197, true, 120, "opt_num_tokens set: opt = its value", 120, 197, 197},
+        {0.9f, -1, 1, 150, false, 120, "N from an earlier merge, opt_num_tokens set: opt = its value", 120, -1, 150},
+        {0.9f, -1, 1, 150, false, 2, "N from an earlier merge, no opt_num_tokens: a constant (P + 1), never N", -1, -1,
+            150},
+        {0.9f, -1, 1, 150, false, 120, "N from an earlier merge, max_num_tokens set: upper = max_num_tokens", 120, 197,
+            197},
     };
     for (Case const& c : cases)
     {
-        Fields f(c.threshold, c.fixedR, 0, c.numProtected, c.optNumTokens);
+        Fields f(c.threshold, c.fixedR, 0, c.numProtected, c.optNumTokens, c.maxNumTokens);
         PluginFieldCollection const fc = f.collection();
         std::unique_ptr<IPluginV3> plugin(creator->createPlugin("node", &fc, TensorRTPhase::kBUILD));
         if (!plugin)
@@ -484,11 +497,21 @@ void checkShapes(IPluginCreatorV3One* creator)
         in[2].d[2] = impl.input(64, true);
         DimsExprs out[3];
         int32_t const rc = buildOf(plugin.get())->getOutputShapes(in, 3, nullptr, 0, out, 3, builder);
-        bool const declared = impl.decl.outputIndex == 2 && impl.decl.upper == c.n && impl.decl.opt == c.expectedOpt;
         bool const shaped = rc == 0 && out[0].nbDims == 3 && out[1].nbDims == 2 && out[2].nbDims == 0
-            && out[0].d[0] == in[0].d[0] && out[0].d[2] == in[0].d[2] && out[0].d[1]->isSizeTensor()
-            && out[1].d[0] == in[0].d[0] && out[1].d[1] == out[0].d[1];
-        check(declared && shaped,
+            && out[0].d[0] == in[0].d[0] && out[0].d[2] == in[0].d[2] && out[1].d[0] == in[0].d[0]
+            && out[1].d[1] == out[0].d[1];
+        if (c.fixedR >= 0) // K from N: no size tensor, a constant exactly when N is
+        {
+            bool const plain = impl.decl.outputIndex == -1 && shaped && !out[0].d[1]->isSizeTensor()
+                && valueOf(out[0].d[1]) == c.expectedOpt && out[0].d[1]->isConstant() == c.constantN;
+            check(plain,
+                std::string(c.what) + " (K " + (shaped ? std::to_string(valueOf(out[0].d[1])) : "?")
+                    + ", declared output " + std::to_string(impl.decl.outputIndex) + "; outputs [B, K, C], [B, K], scalar)");
+            continue;
+        }
+        bool const declared
+            = impl.decl.outputIndex == 2 && impl.decl.upper == c.expectedUpper && impl.decl.opt == c.expectedOpt;
+        check(declared && shaped && out[0].d[1]->isSizeTensor(),
             std::string(c.what) + " (declared output " + std::to_string(impl.decl.outputIndex) + ", opt "
                 + std::to_string(impl.decl.opt) + ", upper " + std::to_string(impl.decl.upper)
                 + "; outputs [B, K, C], [B, K], scalar K)");
@@ -513,7 +536,56 @@ void checkShapes(IPluginCreatorV3One* creator)
         "getOutputShapes fails when num_protected >= N");
 }
 
-void checkConfigure(IPluginCreatorV3One* creator)
+//! N from an earlier merge: TensorRT may report its max as -1. max_num_tokens bounds it (and caps
+//! a larger reported max); with neither, configure fails and the workspace is 0, both logged.
+void checkUnknownMaxN(IPluginCreatorV3One* creator, Finder& finder, std::vector<DynamicPluginTensorDesc> in,
+    std::vector<DynamicPluginTensorDesc> const& out)
+{
+    auto workspaceFor = [](int64_t n) {
+        atm_token_merge_params params{64, n, 384, 64, 1, 1, -1, 0.5f, ATM_DTYPE_FLOAT16};
+        return (atm_token_merge_workspace_size(&params) + 7) / 8 * 8 + sizeof(int64_t);
+    };
+    auto withMaxN = [&](int64_t maxN) {
+        for (auto& d : in)
+        {
+            d.desc.dims.d[1] = -1;
+            d.min.d[1] = 2;
+            d.opt.d[1] = 120;
+            d.max.d[1] = maxN;
+        }
+        return in;
+    };
+    Fields bounded(0.5f, -1, 1, 1, -1, 197);
+    PluginFieldCollection const fcBounded = bounded.collection();
+    std::unique_ptr<IPluginV3> plugin(creator->createPlugin("node", &fcBounded, TensorRTPhase::kBUILD));
+    IPluginV3OneBuild* build = buildOf(plugin.get());
+    std::vector<DynamicPluginTensorDesc> const unknown = withMaxN(-1);
+    check(build->configurePlugin(unknown.data(), 3, out.data(), 3) == 0
+            && build->getWorkspaceSize(unknown.data(), 3, out.data(), 3) == workspaceFor(197),
+        "max N unknown (-1): configure accepts it and the workspace is sized for max_num_tokens = 197");
+    std::vector<DynamicPluginTensorDesc> const larger = withMaxN(300);
+    check(build->configurePlugin(larger.data(), 3, out.data(), 3) == 0
+            && build->getWorkspaceSize(larger.data(), 3, out.data(), 3) == workspaceFor(197),
+        "a reported max N above max_num_tokens is capped at it");
+    std::vector<DynamicPluginTensorDesc> const smaller = withMaxN(150);
+    check(build->getWorkspaceSize(smaller.data(), 3, out.data(), 3) == workspaceFor(150),
+        "a reported max N below max_num_tokens is used as it is");
+
+    Fields unbounded(0.5f, -1, 1, 1);
+    PluginFieldCollection const fcUnbounded = unbounded.collection();
+    std::unique_ptr<IPluginV3> blind(creator->createPlugin("node", &fcUnbounded, TensorRTPhase::kBUILD));
+    finder.logger.last.clear();
+    bool const refused = buildOf(blind.get())->configurePlugin(unknown.data(), 3, out.data(), 3) != 0;
+    bool const logged = finder.logger.last.find(ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS) != std::string::npos;
+    finder.logger.last.clear();
+    size_t const workspace = buildOf(blind.get())->getWorkspaceSize(unknown.data(), 3, out.data(), 3);
+    check(refused && logged && workspace == 0
+            && finder.logger.last.find(ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS) != std::string::npos,
+        "max N unknown and no max_num_tokens: configure fails and the workspace is 0, both logged: \""
+            + finder.logger.last + "\"");
+}
+
+void checkConfigure(IPluginCreatorV3One* creator, Finder& finder)
 {
     Fields f(0.5f, -1, 1, 1);
     PluginFieldCollection const fc = f.collection();
@@ -539,6 +611,8 @@ void checkConfigure(IPluginCreatorV3One* creator)
     size_t const got = build->getWorkspaceSize(in.data(), 3, out.data(), 3);
     check(got == expected && kernels > 0,
         "getWorkspaceSize = kernel library size for the max shapes + the count slot (" + std::to_string(got) + " bytes)");
+
+    checkUnknownMaxN(creator, finder, in, out);
 
     std::vector<DynamicPluginTensorDesc> mixed = in;
     mixed[2].desc.type = DataType::kFLOAT;
@@ -646,7 +720,7 @@ int main()
         checkFormats(buildOf(plugin.get()));
     }
     checkShapes(creator);
-    checkConfigure(creator);
+    checkConfigure(creator, finder);
     checkSerialization(creator);
     checkEnqueueErrors(creator, finder);
     setLoggerFinder(nullptr);

@@ -21,6 +21,7 @@ constexpr char const* kFixedR = ATM_TOKEN_MERGE_ATTR_FIXED_R;
 constexpr char const* kSplitMode = ATM_TOKEN_MERGE_ATTR_SPLIT_MODE;
 constexpr char const* kNumProtected = ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED;
 constexpr char const* kOptNumTokens = ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS;
+constexpr char const* kMaxNumTokens = ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS;
 
 bool isNamed(atm_plugin_field const& f, char const* name)
 {
@@ -91,13 +92,13 @@ int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
         return ATM_STATUS_OK; // lookup keys of the ONNX parser, not math
     }
     bool const known = isNamed(f, kThreshold) || isNamed(f, kFixedR) || isNamed(f, kSplitMode)
-        || isNamed(f, kNumProtected) || isNamed(f, kOptNumTokens);
+        || isNamed(f, kNumProtected) || isNamed(f, kOptNumTokens) || isNamed(f, kMaxNumTokens);
     if (!known)
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("unknown attribute ") + f.name
                 + " (expected " ATM_TOKEN_MERGE_ATTR_THRESHOLD ", " ATM_TOKEN_MERGE_ATTR_FIXED_R
                   ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED
-                  ", " ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS ")");
+                  ", " ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS ", " ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS ")");
     }
     if (f.data == nullptr || f.length < 1)
     {
@@ -119,12 +120,22 @@ int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
     {
         return readInt32(f, &attrs->opt_num_tokens);
     }
+    if (isNamed(f, kMaxNumTokens))
+    {
+        return readInt32(f, &attrs->max_num_tokens);
+    }
     return readInt32(f, &attrs->num_protected);
 }
 
 bool known(int64_t d)
 {
     return d >= 0;
+}
+
+//! Whether the node carries max_num_tokens (a bound on N); 0 and -1 are "unknown".
+bool boundsN(atm_token_merge_attributes const& attrs)
+{
+    return attrs.max_num_tokens > 0;
 }
 
 bool agree(int64_t a, int64_t b)
@@ -176,6 +187,7 @@ extern "C" void atm_token_merge_default_attributes(atm_token_merge_attributes* o
     out->split_mode = ATM_TOKEN_MERGE_DEFAULT_SPLIT_MODE;
     out->num_protected = ATM_TOKEN_MERGE_DEFAULT_NUM_PROTECTED;
     out->opt_num_tokens = ATM_TOKEN_MERGE_DEFAULT_OPT_NUM_TOKENS;
+    out->max_num_tokens = ATM_TOKEN_MERGE_DEFAULT_MAX_NUM_TOKENS;
 }
 
 extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes const* attrs)
@@ -199,6 +211,11 @@ extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes co
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT,
             "opt_num_tokens must be >= 1, or -1 for unknown, got " + std::to_string(attrs->opt_num_tokens));
+    }
+    if (attrs->max_num_tokens < -1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "max_num_tokens must be >= 1, or -1 for unknown, got " + std::to_string(attrs->max_num_tokens));
     }
     if (attrs->fixed_r < 0 && std::isnan(attrs->threshold))
     {
@@ -264,6 +281,11 @@ extern "C" int atm_token_merge_check_shapes(int64_t const* x_dims, int32_t x_ran
         return fail(ATM_STATUS_UNSUPPORTED, "N - num_protected = " + std::to_string(n - attrs->num_protected)
                 + " exceeds the kernels' limit of " + std::to_string(ATM_TOKEN_MERGE_MAX_UNPROTECTED));
     }
+    if (known(n) && boundsN(*attrs) && n > attrs->max_num_tokens)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "N = " + std::to_string(n) + " exceeds " ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS " = "
+                + std::to_string(attrs->max_num_tokens) + " (the model's input token count)");
+    }
     bool const emptyFeature = (x_dims[2] == 0) || (metric_dims[2] == 0) || (x_dims[0] == 0);
     if (emptyFeature)
     {
@@ -297,8 +319,8 @@ extern "C" int atm_token_merge_make_params(int64_t const* x_dims, int64_t const*
     return status;
 }
 
-extern "C" int atm_token_merge_token_bounds(
-    int64_t num_tokens, atm_token_merge_attributes const* attrs, int64_t* opt, int64_t* upper)
+extern "C" int atm_token_merge_token_bounds(int64_t num_tokens, int32_t num_tokens_constant,
+    atm_token_merge_attributes const* attrs, int64_t* opt, int64_t* upper)
 {
     if (attrs == nullptr || opt == nullptr || upper == nullptr)
     {
@@ -309,8 +331,33 @@ extern "C" int atm_token_merge_token_bounds(
         return fail(ATM_STATUS_INVALID_ARGUMENT, "num_tokens must exceed num_protected");
     }
     IntAlgebra alg;
-    atm::TokenBounds<int64_t> const bounds = atm::tokenBounds(alg, num_tokens, *attrs);
+    atm::TokenBounds<int64_t> const bounds = atm::tokenBounds(alg, num_tokens, num_tokens_constant != 0, *attrs);
     *opt = bounds.opt;
     *upper = bounds.upper;
+    return ATM_STATUS_OK;
+}
+
+extern "C" int atm_token_merge_max_input_tokens(
+    int64_t reported_max, atm_token_merge_attributes const* attrs, int64_t* out)
+{
+    if (attrs == nullptr || out == nullptr)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "max_input_tokens arguments are NULL");
+    }
+    if (!known(reported_max) && !boundsN(*attrs))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "the input token count N has no upper bound: TensorRT reports none (N is an earlier merge's size "
+            "tensor) and the node has no " ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS " attribute; re-export the model "
+            "with an atm-export that writes it");
+    }
+    if (!known(reported_max))
+    {
+        *out = attrs->max_num_tokens;
+    }
+    else
+    {
+        *out = boundsN(*attrs) && reported_max > attrs->max_num_tokens ? attrs->max_num_tokens : reported_max;
+    }
     return ATM_STATUS_OK;
 }

@@ -30,8 +30,8 @@ enum atm_field_type
     ATM_FIELD_INT64 = 10
 };
 
-/* The attributes of docs/token-merge-op.md: the four that change the math, and the output token
- * count TensorRT tunes for. Names and defaults: tokenMergeContract.h. */
+/* The attributes of docs/token-merge-op.md: the four that change the math, and two token counts
+ * for TensorRT (no effect on the math). Names and defaults: tokenMergeContract.h. */
 typedef struct atm_token_merge_attributes
 {
     float threshold;        /* merge the pairs more similar than this (when fixed_r < 0) */
@@ -39,6 +39,7 @@ typedef struct atm_token_merge_attributes
     int32_t split_mode;     /* atm_token_merge_split_mode */
     int32_t num_protected;  /* leading tokens that are never merged */
     int32_t opt_num_tokens; /* the size tensor's auto-tuning value (-1: unknown) */
+    int32_t max_num_tokens; /* the model's input token count, a bound on N (-1: unknown) */
 } atm_token_merge_attributes;
 
 /* One named value, as TensorRT's PluginField: `length` elements of `type` at `data`. */
@@ -53,18 +54,21 @@ typedef struct atm_plugin_field
 ATM_TOKEN_MERGE_API void atm_token_merge_default_attributes(atm_token_merge_attributes* out);
 
 /* Start from the defaults and apply `fields`. Accepted: threshold (float32/float64 or an integer
- * type), fixed_r, split_mode, num_protected, opt_num_tokens (any integer type, in int32 range); plugin_version and
- * plugin_namespace are accepted and ignored (the ONNX parser's lookup keys). Any other name, a
- * wrong type, an empty field or an invalid value is an error (message: atm_token_merge_last_error). */
+ * type), fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens (any integer type, in
+ * int32 range); plugin_version and plugin_namespace are accepted and ignored (the ONNX parser's
+ * lookup keys). Any other name, a wrong type, an empty field or an invalid value is an error
+ * (message: atm_token_merge_last_error). */
 ATM_TOKEN_MERGE_API int atm_token_merge_parse_attributes(
     const atm_plugin_field* fields, int32_t count, atm_token_merge_attributes* out);
 
-/* split_mode in {0, 1}, num_protected >= 0, opt_num_tokens >= -1, threshold not NaN when fixed_r < 0. */
+/* split_mode in {0, 1}, num_protected >= 0, opt_num_tokens and max_num_tokens >= -1, threshold not
+ * NaN when fixed_r < 0. */
 ATM_TOKEN_MERGE_API int atm_token_merge_validate_attributes(const atm_token_merge_attributes* attrs);
 
 /* Check the input shapes x [B, N, C], size [B, N], metric [B, N, D]; -1 marks a dimension not
  * known yet (build time), which matches anything. Checks ranks, equal B and N, and, where N is
- * known, num_protected < N and N - num_protected <= ATM_TOKEN_MERGE_MAX_UNPROTECTED. */
+ * known, num_protected < N, N - num_protected <= ATM_TOKEN_MERGE_MAX_UNPROTECTED and (when the
+ * node carries it) N <= max_num_tokens, the bound the workspace may have been sized by. */
 ATM_TOKEN_MERGE_API int atm_token_merge_check_shapes(const int64_t* x_dims, int32_t x_rank,
     const int64_t* size_dims, int32_t size_rank, const int64_t* metric_dims, int32_t metric_rank,
     const atm_token_merge_attributes* attrs);
@@ -73,12 +77,24 @@ ATM_TOKEN_MERGE_API int atm_token_merge_check_shapes(const int64_t* x_dims, int3
 ATM_TOKEN_MERGE_API int atm_token_merge_make_params(const int64_t* x_dims, const int64_t* metric_dims,
     const atm_token_merge_attributes* attrs, int32_t dtype, atm_token_merge_params* out);
 
-/* Output token count bounds for N input tokens: upper = N, opt = opt_num_tokens when it is set
- * (> 0), else N - the expected r (fixed: min(fixed_r, floor(M/2)); threshold: floor(floor(M/2) / 2);
- * M = N - num_protected, so both are 0 when M = 1). Same formula as the plugin's size-tensor
- * declaration (token_bounds below). */
-ATM_TOKEN_MERGE_API int atm_token_merge_token_bounds(
-    int64_t num_tokens, const atm_token_merge_attributes* attrs, int64_t* opt, int64_t* upper);
+/* Output token count K for N input tokens (M = N - num_protected), as the plugin declares it
+ * (atm::tokenBounds below, the same formula over TensorRT expressions):
+ * - fixed_r >= 0: K is known from N, opt = upper = N - min(fixed_r, floor(M/2)) (the plugin
+ *   declares a plain dimension, no size tensor);
+ * - fixed_r < 0 (a size tensor): opt = opt_num_tokens when set (> 0), else N - floor(floor(M/2) / 2)
+ *   when N is a build-time constant (`num_tokens_constant` != 0), else P + 1 (opt must not depend
+ *   on a size tensor, and after the first merge N is one); upper = max_num_tokens when N is not
+ *   constant and the node carries it, else N. */
+ATM_TOKEN_MERGE_API int atm_token_merge_token_bounds(int64_t num_tokens, int32_t num_tokens_constant,
+    const atm_token_merge_attributes* attrs, int64_t* opt, int64_t* upper);
+
+/* The largest input token count N the node can see, for sizing the workspace and checking the
+ * profile's max shapes: TensorRT's reported max (`reported_max`; < 0 when unknown, as it may be
+ * when N is an earlier merge's size tensor), at most max_num_tokens when the node carries it (no
+ * N exceeds the model's input count); max_num_tokens alone when TensorRT reports none. Neither
+ * known: ATM_STATUS_INVALID_ARGUMENT, with the reason in atm_token_merge_last_error. */
+ATM_TOKEN_MERGE_API int atm_token_merge_max_input_tokens(
+    int64_t reported_max, const atm_token_merge_attributes* attrs, int64_t* out);
 
 #ifdef __cplusplus
 }
@@ -93,19 +109,37 @@ struct TokenBounds
     Expr upper;
 };
 
-/* The bounds as a formula over an algebra of dimension expressions: integers for the C function
- * above, IExprBuilder expressions in the plugin. Alg provides constant, sub, min, floorDiv. */
+/* K for a fixed r: N - min(fixed_r, floor(M/2)), M = N - P (atm_export.merge.tokens_after_fixed_r). */
 template <class Alg>
-TokenBounds<typename Alg::Expr> tokenBounds(Alg& alg, typename Alg::Expr n, atm_token_merge_attributes const& attrs)
+typename Alg::Expr fixedOutputTokens(Alg& alg, typename Alg::Expr n, atm_token_merge_attributes const& attrs)
 {
-    auto const m = alg.sub(n, alg.constant(attrs.num_protected));
-    auto const cap = alg.floorDiv(m, alg.constant(2)); // ToMe's cap on r, floor(M/2): 0 when M = 1
-    auto const expected
-        = attrs.fixed_r >= 0 ? alg.min(alg.constant(attrs.fixed_r), cap) : alg.floorDiv(cap, alg.constant(2));
-    // TensorRT wants an opt that does not depend on a size tensor; after the first merge N is one,
-    // so the exporter records the count it saw (opt_num_tokens).
-    auto const opt = attrs.opt_num_tokens > 0 ? alg.constant(attrs.opt_num_tokens) : alg.sub(n, expected);
-    return TokenBounds<typename Alg::Expr>{opt, n};
+    auto const cap = alg.floorDiv(alg.sub(n, alg.constant(attrs.num_protected)), alg.constant(2)); // ToMe's cap
+    return alg.sub(n, alg.min(alg.constant(attrs.fixed_r), cap));
+}
+
+/* The bounds as a formula over an algebra of dimension expressions: integers for the C function
+ * above, IExprBuilder expressions in the plugin. Alg provides constant, sub, min, floorDiv.
+ * nConstant: N is a build-time constant (not an earlier merge's size tensor). */
+template <class Alg>
+TokenBounds<typename Alg::Expr> tokenBounds(
+    Alg& alg, typename Alg::Expr n, bool nConstant, atm_token_merge_attributes const& attrs)
+{
+    if (attrs.fixed_r >= 0)
+    {
+        auto const k = fixedOutputTokens(alg, n, attrs);
+        return TokenBounds<typename Alg::Expr>{k, k};
+    }
+    auto const cap = alg.floorDiv(alg.sub(n, alg.constant(attrs.num_protected)), alg.constant(2));
+    // opt must not depend on a size tensor: the exporter's recorded count, else N - the expected
+    // r (half the cap) for a constant N, else a constant that is always in range (P + 1).
+    auto const opt = attrs.opt_num_tokens > 0
+        ? alg.constant(attrs.opt_num_tokens)
+        : (nConstant ? alg.sub(n, alg.floorDiv(cap, alg.constant(2))) : alg.constant(attrs.num_protected + 1));
+    // upper: N (nothing merged). When N is an earlier merge's size tensor, its bound is that of a
+    // chain of size tensors; the model's input count is the same bound as a plain constant, which
+    // TensorRT can allocate the outputs by without propagating bounds through the chain.
+    auto const upper = (!nConstant && attrs.max_num_tokens > 0) ? alg.constant(attrs.max_num_tokens) : n;
+    return TokenBounds<typename Alg::Expr>{opt, upper};
 }
 
 } // namespace atm

@@ -30,7 +30,7 @@ using nvinfer1::PluginFieldType;
 using nvinfer1::PluginTensorDesc;
 
 // The kernel library's field codes are TensorRT's, so fields convert with a cast.
-// enqueue narrows the int64 count to the INT32 size tensor by copying its low four bytes.
+// enqueue narrows the kernels' int64 count to the INT32 num_tokens output by copying its low four bytes.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the count narrowing assumes a little-endian target");
 static_assert(static_cast<int32_t>(PluginFieldType::kFLOAT16) == ATM_FIELD_FLOAT16, "field type codes");
 static_assert(static_cast<int32_t>(PluginFieldType::kFLOAT32) == ATM_FIELD_FLOAT32, "field type codes");
@@ -46,7 +46,7 @@ namespace
 
 constexpr int32_t kNbInputs = 3;
 constexpr int32_t kNbOutputs = 3;
-constexpr int32_t kSizeTensorOutput = 2;
+constexpr int32_t kCountOutput = 2; // num_tokens (a size tensor when fixed_r < 0)
 
 std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
 
@@ -135,6 +135,28 @@ bool paramsFor(nvinfer1::Dims const& x, nvinfer1::Dims const& metric, DataType t
     return true;
 }
 
+//! The inputs' max dims (x, size, metric) with N replaced by its bound (atm_token_merge_max_input_tokens):
+//! TensorRT may report no max N (-1) when N is an earlier merge's size tensor. False, logged, if unbounded.
+bool boundedMaxDims(DynamicPluginTensorDesc const* in, atm_token_merge_attributes const& attrs,
+    nvinfer1::Dims (&maxDims)[kNbInputs], char const* when)
+{
+    int64_t n = -1;
+    if (in[0].max.nbDims < 2 || atm_token_merge_max_input_tokens(in[0].max.d[1], &attrs, &n) != ATM_STATUS_OK)
+    {
+        logError(std::string(when) + ": " + (in[0].max.nbDims < 2 ? "x must be 3-D" : atm_token_merge_last_error()));
+        return false;
+    }
+    for (int32_t i = 0; i < kNbInputs; ++i)
+    {
+        maxDims[i] = in[i].max;
+        if (maxDims[i].nbDims >= 2)
+        {
+            maxDims[i].d[1] = n;
+        }
+    }
+    return true;
+}
+
 std::string describe(atm_token_merge_attributes const& a)
 {
     std::ostringstream s;
@@ -157,6 +179,7 @@ void appendAttributeFields(std::vector<PluginField>& fields, atm_token_merge_att
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_SPLIT_MODE, bound ? &attrs->split_mode : nullptr, Type::kINT32, 1);
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED, bound ? &attrs->num_protected : nullptr, Type::kINT32, 1);
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS, bound ? &attrs->opt_num_tokens : nullptr, Type::kINT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS, bound ? &attrs->max_num_tokens : nullptr, Type::kINT32, 1);
 }
 
 } // namespace
@@ -270,7 +293,7 @@ int32_t TokenMergePlugin::getOutputDataTypes(
     outputTypes[1] = DataType::kFLOAT;
     // The headers of every TensorRT 10/11 release say size tensors must be INT32 (newer samples also
     // use INT64); INT32 is accepted by all of them. The ONNX graph casts num_tokens to int64.
-    outputTypes[kSizeTensorOutput] = DataType::kINT32;
+    outputTypes[kCountOutput] = DataType::kINT32;
     return 0;
 }
 
@@ -290,20 +313,22 @@ int32_t TokenMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
             + std::to_string(mAttrs.num_protected));
         return -1;
     }
-    // upper = N (r = 0); opt = the exporter's recorded count (opt_num_tokens), or N - the expected r.
-    // opt must not depend on a size tensor: when N is one (any merge after the first) and no
-    // count was recorded, fall back to a constant.
+    // K, the output token count (tokenBounds): for a fixed r an expression of N (a constant when N
+    // is), so num_tokens is a plain 0-D tensor and a graph with static N keeps static token dims
+    // (TensorRT can capture CUDA graphs of it); for a threshold a size tensor with opt and upper.
     TrtAlgebra alg{exprBuilder};
-    TokenBounds<IDimensionExpr const*> bounds = tokenBounds(alg, n, mAttrs);
-    if (mAttrs.opt_num_tokens <= 0 && !n->isConstant())
+    TokenBounds<IDimensionExpr const*> const bounds = tokenBounds(alg, n, n->isConstant(), mAttrs);
+    bool const sizeTensor = mAttrs.fixed_r < 0;
+    IDimensionExpr const* k = bounds.upper; // fixed r: opt = upper = K
+    if (sizeTensor)
     {
-        bounds.opt = exprBuilder.constant(mAttrs.num_protected + 1);
+        k = bounds.opt != nullptr && bounds.upper != nullptr
+            ? exprBuilder.declareSizeTensor(kCountOutput, *bounds.opt, *bounds.upper)
+            : nullptr;
     }
-    IDimensionExpr const* k
-        = bounds.opt != nullptr ? exprBuilder.declareSizeTensor(kSizeTensorOutput, *bounds.opt, *bounds.upper) : nullptr;
     if (k == nullptr)
     {
-        logError("could not declare the num_tokens size tensor");
+        logError(sizeTensor ? "could not declare the num_tokens size tensor" : "could not build the output token count");
         return -1;
     }
     outputs[0].nbDims = 3;
@@ -313,7 +338,7 @@ int32_t TokenMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
     outputs[1].nbDims = 2;
     outputs[1].d[0] = inputs[0].d[0];
     outputs[1].d[1] = k;
-    outputs[kSizeTensorOutput].nbDims = 0; // size tensors are scalars
+    outputs[kCountOutput].nbDims = 0; // a scalar (a size tensor for a threshold)
     return 0;
 }
 
@@ -336,7 +361,7 @@ bool TokenMergePlugin::supportsFormatCombination(
     case 2: return desc.type == inOut[0].desc.type;              // metric: like x
     case 3: return desc.type == inOut[0].desc.type;              // x_out: like x
     case 4: return desc.type == DataType::kFLOAT;                // size_out
-    default: return desc.type == DataType::kINT32;               // num_tokens (size tensor)
+    default: return desc.type == DataType::kINT32;               // num_tokens
     }
 }
 
@@ -353,9 +378,12 @@ int32_t TokenMergePlugin::configurePlugin(
         logError("x and metric must both be float32 or both float16, size float32");
         return -1;
     }
-    // Wildcard dims (-1) are allowed here; the profile's max dims must be runnable too.
+    // Wildcard dims (-1) are allowed here; the max dims, N bounded as the workspace is, must be
+    // runnable too.
+    nvinfer1::Dims maxDims[kNbInputs];
     if (checkShapes(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mAttrs, "configurePlugin") != ATM_STATUS_OK
-        || checkShapes(in[0].max, in[1].max, in[2].max, mAttrs, "configurePlugin (max shapes)") != ATM_STATUS_OK)
+        || !boundedMaxDims(in, mAttrs, maxDims, "configurePlugin")
+        || checkShapes(maxDims[0], maxDims[1], maxDims[2], mAttrs, "configurePlugin (max shapes)") != ATM_STATUS_OK)
     {
         return -1;
     }
@@ -374,10 +402,14 @@ size_t countSlotOffset(size_t kernelWorkspaceBytes)
 size_t TokenMergePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    // The workspace grows with B and N only, so the profile's max covers every runtime shape.
+    // The workspace grows with B and N only, so the max shapes (N bounded by max_num_tokens where
+    // TensorRT reports none) cover every runtime shape; onShapeChange refuses an N above the bound.
     // It ends with one int64 slot for the count, which enqueue narrows into the INT32 output.
+    // 0 (with a logged reason) where no bound is known: TensorRT then fails the build.
     atm_token_merge_params params;
-    if (nbInputs != kNbInputs || !paramsFor(inputs[0].max, inputs[2].max, inputs[0].desc.type, mAttrs, &params))
+    nvinfer1::Dims maxDims[kNbInputs];
+    if (nbInputs != kNbInputs || !boundedMaxDims(inputs, mAttrs, maxDims, "getWorkspaceSize")
+        || !paramsFor(maxDims[0], maxDims[2], inputs[0].desc.type, mAttrs, &params))
     {
         return 0;
     }
@@ -426,9 +458,9 @@ int32_t TokenMergePlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTenso
         logError(std::string("enqueue: ") + atm_token_merge_status_string(status) + ": " + atm_token_merge_last_error());
         return -1;
     }
-    // The INT32 size tensor is the low half of the int64 count (little-endian; the count is < 2^31).
+    // The INT32 num_tokens is the low half of the int64 count (little-endian; the count is < 2^31).
     cudaError_t const copied = cudaMemcpyAsync(
-        outputs[kSizeTensorOutput], count, sizeof(int32_t), cudaMemcpyDeviceToDevice, stream);
+        outputs[kCountOutput], count, sizeof(int32_t), cudaMemcpyDeviceToDevice, stream);
     if (copied != cudaSuccess)
     {
         logError(std::string("enqueue: copying num_tokens failed: ") + cudaGetErrorString(copied));

@@ -9,8 +9,10 @@
  * another version.
  *
  *   inputs   0 x [B, N, C] float32|float16   1 size [B, N] float32   2 metric [B, N, D] like x
- *   outputs  0 x_out [B, K, C] like x   1 size_out [B, K] float32   2 num_tokens: K, 0-D int64,
- *            a size tensor (declareSizeTensor(2, opt, upper = N))
+ *   outputs  0 x_out [B, K, C] like x   1 size_out [B, K] float32   2 num_tokens: K, 0-D INT32
+ *            (the ONNX graph casts it to int64). fixed_r >= 0: K = N - min(fixed_r, floor((N - P) / 2)),
+ *            an expression of N, and num_tokens a plain tensor; fixed_r < 0: a size tensor
+ *            (declareSizeTensor(2, opt, upper), upper = N or max_num_tokens; tokenMergeAttributes.h)
  *
  * All math is in the kernel library (tokenMergeKernel.h); attribute parsing, shape checks and
  * the token bounds are in tokenMergeAttributes.h. This class translates TensorRT's types.

@@ -69,19 +69,93 @@ def test_engine_matches_eager_pytorch(tmp_path, flat_images):
             runner.run(take_batch(flat_images, 9).numpy())
 
 
-# The builder flags for a precision are chosen by what the bindings offer. These stand-ins list
-# the members of tensorrt.BuilderFlag that matter, as TensorRT 10 and TensorRT 11 have them.
-TRT10_FLAGS = SimpleNamespace(FP16="FP16", TF32="TF32", INT8="INT8")
-TRT11_FLAGS = SimpleNamespace(TF32="TF32")  # strongly typed: no FP16 flag
+# The build of a precision is chosen by what the bindings offer. These stand-ins list the
+# members of tensorrt.BuilderFlag and NetworkDefinitionCreationFlag that matter, as TensorRT 8,
+# 10 and 11 have them.
+TRT8 = SimpleNamespace(BuilderFlag=SimpleNamespace(FP16="FP16", TF32="TF32"),
+                       NetworkDefinitionCreationFlag=SimpleNamespace())
+TRT10 = SimpleNamespace(BuilderFlag=SimpleNamespace(FP16="FP16", TF32="TF32", INT8="INT8"),
+                        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED="STRONGLY_TYPED"))
+TRT11 = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32"),  # always strongly typed: no FP16 flag
+                        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED="STRONGLY_TYPED"))
 
 
-@pytest.mark.parametrize("flags", [TRT10_FLAGS, TRT11_FLAGS], ids=["trt10", "trt11"])
-def test_fp32_builds_turn_tf32_off(flags):
-    set_flags, clear_flags, record = trt_backend.precision_flags(flags, "fp32")
-    assert set_flags == [] and clear_flags == ["TF32"] and record["tf32"] is False
+@pytest.mark.parametrize("trt", [TRT8, TRT10, TRT11], ids=["trt8", "trt10", "trt11"])
+def test_fp32_builds_turn_tf32_off(trt):
+    mode = trt_backend.build_mode(trt, "fp32")
+    assert mode.set_flags == [] and mode.clear_flags == ["TF32"] and mode.network_flags == []
+    assert mode.record["tf32"] is False
 
 
-def test_fp16_uses_the_flag_where_it_exists_and_says_why_where_it_does_not():
-    assert trt_backend.precision_flags(TRT10_FLAGS, "fp16")[0] == ["FP16"]
-    with pytest.raises(UserError, match="strongly typed .*--trt-precision fp32"):
-        trt_backend.precision_flags(TRT11_FLAGS, "fp16")
+@pytest.mark.parametrize("trt", [TRT10, TRT11], ids=["trt10", "trt11"])
+def test_fp16_is_a_strongly_typed_build_of_the_fp16_graph_where_tensorrt_has_strong_typing(trt):
+    mode = trt_backend.build_mode(trt, "fp16")
+    assert mode.network_flags == ["STRONGLY_TYPED"] and mode.set_flags == [] and mode.record["strongly_typed"]
+
+
+def test_fp16_uses_the_builder_flag_only_where_strong_typing_is_missing():
+    assert trt_backend.build_mode(TRT8, "fp16").set_flags == ["FP16"]
+    neither = SimpleNamespace(BuilderFlag=SimpleNamespace(), NetworkDefinitionCreationFlag=SimpleNamespace())
+    with pytest.raises(UserError, match="--trt-precision fp32"):
+        trt_backend.build_mode(neither, "fp16")
+
+
+class FakeCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data + b"+timed"
+
+
+class FakeConfig:
+    """The builder config's timing-cache calls; ``accepts``: whether set_timing_cache takes a
+    cache made from these bytes (TensorRT refuses one from another GPU or version)."""
+
+    def __init__(self, accepts=lambda data: True):
+        self.accepts, self.cache = accepts, None
+
+    def create_timing_cache(self, data):
+        return FakeCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        if not self.accepts(cache.data):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def test_the_timing_cache_is_read_before_and_written_after_a_build(tmp_path):
+    path = tmp_path / "cache" / "trt.timing-cache"
+    config = FakeConfig()
+    trt_backend._attach_timing_cache(config, str(path))
+    assert config.cache.data == b""  # no file yet: a fresh cache
+    trt_backend._save_timing_cache(config, str(path))
+    assert path.read_bytes() == b"+timed"
+    config = FakeConfig()
+    trt_backend._attach_timing_cache(config, str(path))
+    assert config.cache.data == b"+timed", "the next build starts from what the last one timed"
+    assert not list(path.parent.glob(".*.part"))
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced_not_used(tmp_path):
+    path = tmp_path / "trt.timing-cache"
+    path.write_bytes(b"other gpu")
+    config = FakeConfig(accepts=lambda data: data != b"other gpu")
+    trt_backend._attach_timing_cache(config, str(path))
+    assert config.cache.data == b""
+
+
+def test_no_timing_cache_means_none_is_read_or_written(tmp_path):
+    from atm_export.jobs.export import JobOptions, engine_spec
+
+    assert engine_spec(JobOptions(model="deit_t", output=tmp_path, trt_timing_cache="none")).timing_cache is None
+    default = engine_spec(JobOptions(model="deit_t", output=tmp_path)).timing_cache
+    assert default == str(trt_backend.default_timing_cache()) and default.endswith("tensorrt.timing-cache")
+    config = FakeConfig()
+    trt_backend._save_timing_cache(config, None)
+    assert not list(tmp_path.iterdir())

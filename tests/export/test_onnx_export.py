@@ -45,6 +45,7 @@ def test_flavours_pass_the_checker_with_their_custom_node_rules(exported):
     for node in merges:  # TensorRT's tuning value, and the cast of the plugin's INT32 count
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert 1 <= attrs["opt_num_tokens"] <= 198 and attrs["plugin_namespace"] == b"atm_export"
+        assert attrs["max_num_tokens"] == atm.vit.patch_embed.num_patches + atm.num_protected
         cast = next(n for n in plugin.graph.node if list(n.input) == [node.output[2]])
         assert cast.op_type == "Cast" and onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT64
 

@@ -185,35 +185,109 @@ def test_make_params_from_concrete_shapes(lib):
 # ---- output bounds (the size tensor's opt and upper) ---------------------------------------
 
 
-def bounds(lib, n, *, fixed_r=-1, num_protected=1):
+def bounds(lib, n, *, fixed_r=-1, num_protected=1, n_constant=True, opt_num_tokens=-1, max_num_tokens=-1):
     opt, upper = ctypes.c_int64(), ctypes.c_int64()
-    attrs = Attributes(0.9, fixed_r, 0, num_protected)
-    status = lib.atm_token_merge_token_bounds(n, ctypes.byref(attrs), ctypes.byref(opt), ctypes.byref(upper))
+    attrs = Attributes(0.9, fixed_r, 0, num_protected, opt_num_tokens, max_num_tokens)
+    status = lib.atm_token_merge_token_bounds(n, int(n_constant), ctypes.byref(attrs), ctypes.byref(opt),
+                                              ctypes.byref(upper))
     return status, opt.value, upper.value
 
 
 @pytest.mark.parametrize(
     ("n", "fixed_r", "p", "opt"),
     [
-        (197, 16, 1, 181),  # DeiT-S, ToMe r = 16
-        (197, 500, 1, 99),  # r capped at floor(M / 2) = 98
-        (198, 500, 1, 100),  # M = 197 odd: still 98 (ceil would give 99)
         (197, -1, 1, 148),  # threshold: expect half the cap to merge (floor(98 / 2) = 49)
         (198, -1, 2, 149),  # distilled DeiT: P = 2
-        (577, 0, 1, 577),
-        (4, 3, 3, 4),  # one unprotected token, P odd (A empty): nothing to merge
-        (3, 3, 2, 3),  # one unprotected token, P even (B empty)
         (6, -1, 0, 5),  # M = 6: cap 3, floor(3 / 2) = 1
         (4, -1, 1, 4),  # M = 3: cap 1, floor(1 / 2) = 0
-        (4, 5, 1, 3),  # M = 3: a fixed r is capped at 1
     ],
 )
-def test_token_bounds(lib, n, fixed_r, p, opt):
+def test_token_bounds_of_a_threshold(lib, n, fixed_r, p, opt):
     status, got_opt, upper = bounds(lib, n, fixed_r=fixed_r, num_protected=p)
     assert status == OK
     assert upper == n, "no merge at all keeps every token"
     assert got_opt == opt
     assert 0 < got_opt <= upper
+
+
+@pytest.mark.parametrize(
+    ("n", "fixed_r", "p", "k"),
+    [
+        (197, 16, 1, 181),  # DeiT-S, ToMe r = 16
+        (197, 500, 1, 99),  # r capped at floor(M / 2) = 98
+        (198, 500, 1, 100),  # M = 197 odd: still 98 (ceil would give 99)
+        (577, 0, 1, 577),
+        (4, 3, 3, 4),  # one unprotected token, P odd (A empty): nothing to merge
+        (3, 3, 2, 3),  # one unprotected token, P even (B empty)
+        (4, 5, 1, 3),  # M = 3: a fixed r is capped at 1
+    ],
+)
+def test_token_bounds_of_a_fixed_r_are_the_count(lib, n, fixed_r, p, k):
+    """A fixed r: the plugin declares K itself (no size tensor), opt = upper = K, for any N."""
+    for n_constant in (True, False):
+        assert bounds(lib, n, fixed_r=fixed_r, num_protected=p, n_constant=n_constant, max_num_tokens=600) == (OK, k, k)
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 5])
+@pytest.mark.parametrize("fixed_r", [0, 1, 3, 16, 98, 99, 500])
+def test_fixed_r_count_is_the_python_rule(lib, fixed_r, p):
+    """The plugin's K for a fixed r is atm_export.merge.tokens_after_fixed_r (the custom op's fake)."""
+    from atm_export.merge import tokens_after_fixed_r
+
+    for n in range(p + 1, 240):
+        assert bounds(lib, n, fixed_r=fixed_r, num_protected=p)[1] == tokens_after_fixed_r(n, fixed_r, p)
+
+
+@pytest.mark.parametrize(
+    ("opt_num_tokens", "max_num_tokens", "opt", "upper"),
+    [
+        (-1, -1, 2, 150),  # no hints: opt a constant (P + 1), never N; upper N
+        (120, -1, 120, 150),  # the exporter's recorded count
+        (120, 197, 120, 197),  # upper: the model's input count, a constant
+        (-1, 197, 2, 197),
+    ],
+)
+def test_token_bounds_when_n_is_an_earlier_size_tensor(lib, opt_num_tokens, max_num_tokens, opt, upper):
+    got = bounds(lib, 150, n_constant=False, opt_num_tokens=opt_num_tokens, max_num_tokens=max_num_tokens)
+    assert got == (OK, opt, upper)
+
+
+def test_token_bounds_with_a_constant_n_ignore_max_num_tokens(lib):
+    assert bounds(lib, 197, max_num_tokens=197, opt_num_tokens=120) == (OK, 120, 197)
+
+
+def max_input_tokens(lib, reported_max, max_num_tokens):
+    out = ctypes.c_int64(-7)
+    attrs = Attributes(0.9, -1, 0, 1, -1, max_num_tokens)
+    return lib.atm_token_merge_max_input_tokens(reported_max, ctypes.byref(attrs), ctypes.byref(out)), out.value
+
+
+@pytest.mark.parametrize(
+    ("reported_max", "max_num_tokens", "expected"),
+    [
+        (197, -1, 197),  # TensorRT knows it: as reported
+        (150, 197, 150),  # a reported max below the model's count is tighter
+        (300, 197, 197),  # N never exceeds the model's input count
+        (-1, 197, 197),  # TensorRT reports none (N an earlier size tensor): the attribute bounds it
+        (-1, 0, None),  # neither: an error
+        (-1, -1, None),
+    ],
+)
+def test_max_input_tokens_bound_the_workspace(lib, reported_max, max_num_tokens, expected):
+    status, n = max_input_tokens(lib, reported_max, max_num_tokens)
+    if expected is None:
+        assert status == INVALID and "max_num_tokens" in last_error(lib) and n == -7
+    else:
+        assert (status, n) == (OK, expected)
+
+
+def test_shapes_above_max_num_tokens_are_rejected(lib):
+    dims = lambda *d: (ctypes.c_int64 * len(d))(*d)  # noqa: E731
+    attrs = Attributes(1.0, -1, 0, 1, -1, 197)
+    check = lambda n: lib.atm_token_merge_check_shapes(dims(2, n, 8), 3, dims(2, n), 2, dims(2, n, 4), 3,  # noqa: E731
+                                                       ctypes.byref(attrs))
+    assert check(197) == OK and check(-1) == OK
+    assert check(198) == INVALID and "exceeds max_num_tokens" in last_error(lib)
 
 
 def test_token_bounds_reject_no_unprotected_tokens(lib):

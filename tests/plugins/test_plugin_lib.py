@@ -109,3 +109,19 @@ def test_pip_tensorrt_libnvinfer_is_used_when_nothing_is_set(monkeypatch, tmp_pa
     monkeypatch.setenv(plugin_lib.ENV_TENSORRT_ROOT, "/opt/trt")
     args = plugin_lib._configure_args(Path("/src"), tmp_path, "/usr/bin/nvcc", None, None, None, None)
     assert not any(a.startswith("-DTENSORRT_LIB_DIR") for a in args), "an explicit TensorRT install wins"
+
+
+def test_the_default_build_runs_on_every_common_gpu(built, monkeypatch):
+    """SASS for 7.5 (T4), 8.0 (A100), 8.6 (A10, RTX 30), 8.9 (L4, RTX 40), 9.0 (H100), and PTX
+    for newer GPUs: read from the library the build wrote (CMakeLists.txt's default)."""
+    import os
+
+    if os.environ.get(plugin_lib.ENV_CUDA_ARCHS):
+        pytest.skip(f"${plugin_lib.ENV_CUDA_ARCHS} chooses other architectures")
+    assert plugin_lib.embedded_architectures(built.kernels) == {"sass": [75, 80, 86, 89, 90], "ptx": [90]}
+
+
+def test_a_library_without_cuda_code_embeds_nothing():
+    import sys
+
+    assert plugin_lib.embedded_architectures(sys.executable) == {"sass": [], "ptx": []}
