@@ -153,8 +153,10 @@ def build_mode(trt, precision: str) -> BuildMode:
 
 
 def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | None = None,
-                 needs_plugin: bool = True) -> bytes:
+                 needs_plugin: bool = True, logger=None) -> bytes:
     """Parse ``model.plugin.onnx`` (with the plugin loaded) and build a serialized engine.
+
+    logger: a ``tensorrt.ILogger`` for this build (default: warnings and errors to stderr).
 
     needs_plugin=False builds a plugin-free model (the unmerged baseline, or model.onnx).
     """
@@ -165,7 +167,7 @@ def build_engine(onnx_path: str | Path, spec: EngineSpec, plugin: str | Path | N
             raise UserError(f"{onnx_path} has no {contract.OP_TYPE} nodes: build the engine from model.plugin.onnx "
                             "(model.onnx is the plugin-free flavour and needs no plugin)")
         load_plugin(plugin)
-    logger = _logger()
+    logger = logger or _logger()
     mode = build_mode(trt, spec.precision)
     builder = trt.Builder(logger)
     network = builder.create_network(sum(1 << int(flag) for flag in mode.network_flags))

@@ -189,10 +189,11 @@ def _raise_mismatch(problems: list[str], console: Console) -> None:
     raise ArtifactMismatchError(f"{problems[0]}{more}")
 
 
-def open_artifacts(directory: Path, weights: str | None = None) -> tuple[Report, Bundle]:
-    """The report of ``directory`` and a bundle of its artifacts, with the eager models rebuilt
-    from what the report recorded. UserError (one line) for anything unreadable."""
-    report = read_report(directory)
+def open_artifacts(directory: Path, weights: str | None = None, report: Report | None = None) -> tuple[Report, Bundle]:
+    """The report of ``directory`` (``report`` when the caller has read it) and a bundle of its
+    artifacts, with the eager models rebuilt from what the report recorded. UserError (one line)
+    for anything unreadable."""
+    report = report or read_report(directory)
     models = {name: load_artifact(directory / name, flavour) for name, flavour in FLAVOURS.items()
               if name in report.artifacts}
     if not models:
@@ -227,10 +228,10 @@ def check_artifacts(directory: Path, weights: str | None = None, strict: bool = 
     from ..parity import reference_run
 
     console = console or Console(verbosity=0)
-    static = (opened[0] if opened else read_report(directory)).static_schedule is not None
-    console.plan(4 + static + more_steps)
+    report = opened[0] if opened else read_report(directory)
+    console.plan(4 + (report.static_schedule is not None) + more_steps)
     with console.step(f"rebuilding the eager model from {directory / 'report.json'}"):
-        report, bundle = opened or open_artifacts(directory, weights)
+        report, bundle = opened or open_artifacts(directory, weights, report)
         atm, vit = bundle.atm, bundle.vit
         source = report.images["source"]
         batch, _ = sample_batch(vit, None if source == "builtin" else source, report.images["count"])

@@ -542,11 +542,8 @@ ENGINE_BATCHES = (1, 3)
 
 @contextmanager
 def verbose_trt_log(path: Path):
-    """backends.tensorrt builds with its WARNING logger; for the doctor's one build, a VERBOSE
-    logger that writes every message to ``path`` takes its place."""
+    """A VERBOSE TensorRT logger that writes every message to ``path`` (for one build)."""
     import tensorrt as trt
-
-    from ..backends import tensorrt as backend
 
     class FileLogger(trt.ILogger):
         def __init__(self, handle):
@@ -557,13 +554,7 @@ def verbose_trt_log(path: Path):
             self.handle.write(f"[{severity}] {msg}\n")
 
     with open(path, "w") as handle:
-        logger = FileLogger(handle)  # one object: TensorRT keeps a pointer to it
-        original = backend._logger
-        backend._logger = lambda: logger
-        try:
-            yield
-        finally:
-            backend._logger = original
+        yield FileLogger(handle)  # one object: TensorRT keeps a pointer to it
 
 
 def two_merge_engine(directory: Path, plugin: str | None) -> dict:
@@ -592,8 +583,8 @@ def two_merge_engine(directory: Path, plugin: str | None) -> dict:
     onnx.save(model, str(onnx_path))
     nodes = [n.name for n in model.graph.node if contract.is_token_merge(n)]
     spec = backend.EngineSpec(min_batch=min(ENGINE_BATCHES), opt_batch=max(ENGINE_BATCHES), max_batch=max(ENGINE_BATCHES))
-    with verbose_trt_log(directory / ENGINE_LOG):
-        engine = backend.build_engine(onnx_path, spec, plugin)
+    with verbose_trt_log(directory / ENGINE_LOG) as logger:
+        engine = backend.build_engine(onnx_path, spec, plugin, logger=logger)
     runs = {}
     with backend.EngineRunner(engine, "tensorrt", plugin=plugin) as runner:
         memory = getattr(runner.engine, "device_memory_size_v2", None) or runner.engine.device_memory_size

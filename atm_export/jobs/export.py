@@ -83,12 +83,13 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
         skipped: dict[str, str] = {}
         bundle = export(model, stats, opts, writer, skipped, console, engines)
         names = compared_backends(bundle, opts, skipped)
-        refs = [sample_ref] + [reference_run(model.atm, b) for b in parity_batches(model.batch, opts)[1:]]
+        batches = parity_batches(model.batch, opts)
+        refs = [sample_ref] + [reference_run(model.atm, b) for b in batches[1:]]
         parity_options = dict(strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
                               precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
         parity = check_parity(bundle, names, refs, console, **parity_options)
         if bundle.static is not None:
-            parity.update(check_static_parity(bundle.static, parity_batches(model.batch, opts), console,
+            parity.update(check_static_parity(bundle.static, batches, console,
                                               tensorrt=opts.tensorrt, **parity_options))
         benchmark = run_benchmark(bundle, model, flops, opts, console) if opts.benchmark else None
         if not opts.benchmark:
@@ -204,9 +205,7 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
            engines: bool) -> Bundle:
     """Every graph of the run, once: the plugin flavour, its lowering, and (for the benchmarks)
     the unmerged baseline; the TensorRT engine where TensorRT and a GPU are present."""
-    import onnx
-
-    from ..export.onnx import check_model, export_baseline, export_plugin_flavour, portable_flavour
+    from ..export.onnx import export_baseline, export_plugin_flavour, portable_flavour
 
     bundle = Bundle(atm=model.atm, vit=model.atm.vit)
     if not opts.export:
@@ -220,8 +219,7 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
         with console.progress(1 + opts.benchmark, unit="graph") as advance:  # the fp16 graph counts with its flavour
             kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
             bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept)
-            check_model(bundle.plugin, "plugin")
-            onnx.save(bundle.plugin, writer.path("model.plugin.onnx"))
+            save_checked(bundle.plugin, "plugin", writer, "model.plugin.onnx")
             if opts.trt_precision == "fp16":
                 save_fp16(model.atm, example, opts, metadata, writer, "model.fp16.plugin.onnx", kept)
             advance()
@@ -230,8 +228,7 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
                 advance("and the unmerged baseline, for the benchmarks")
     with console.step("lowering the merge steps to standard ops: model.onnx"):
         bundle.portable = portable_flavour(bundle.plugin)
-        check_model(bundle.portable, "portable")
-        onnx.save(bundle.portable, writer.path("model.onnx"))
+        save_checked(bundle.portable, "portable", writer, "model.onnx")
     if opts.static_schedule:
         export_static(bundle, model, stats, opts, writer, metadata, console)
     if engines:
@@ -244,10 +241,8 @@ def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer:
     """model.static.plugin.onnx and model.static.onnx: every merge step merges a fixed r, so every
     token count is a static dimension and only the batch stays dynamic (bundle.static, with the
     eager model that replays the same schedule)."""
-    from ..export.onnx import check_model, export_plugin_flavour, portable_flavour
+    from ..export.onnx import export_plugin_flavour, portable_flavour
     from ..fixed_schedule import replay_model
-
-    import onnx
 
     tokens = model.static_tokens or static_schedule(opts.static_schedule, model.atm, stats)
     with console.step(f"exporting the static-schedule models (tokens entering each block {tokens})"):
@@ -255,11 +250,9 @@ def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer:
         static_meta = {**metadata, "params": run_params(replaying.config, replaying),
                        "static_schedule": {"tokens_per_layer": tokens, "source": opts.static_schedule}}
         plugin = export_plugin_flavour(replaying, model.batch[:2], opts.opset, static_meta)
-        check_model(plugin, "plugin")
-        onnx.save(plugin, writer.path("model.static.plugin.onnx"))
+        save_checked(plugin, "plugin", writer, "model.static.plugin.onnx")
         portable = portable_flavour(plugin)
-        check_model(portable, "portable")
-        onnx.save(portable, writer.path("model.static.onnx"))
+        save_checked(portable, "portable", writer, "model.static.onnx")
         if opts.trt_precision == "fp16":
             save_fp16(replaying, model.batch[:2], opts, static_meta, writer, "model.static.fp16.plugin.onnx")
     bundle.static = Bundle(atm=replaying, vit=model.atm.vit, plugin=plugin, portable=portable, schedule=tokens)
@@ -268,12 +261,19 @@ def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer:
 def save_fp16(atm, example: torch.Tensor, opts: JobOptions, metadata: dict, writer: ArtifactWriter, name: str,
               typical_tokens: list[float] | None = None) -> None:
     """The fp16-typed plugin graph of ``atm`` (what --trt-precision fp16 engines are built from)."""
-    import onnx
-
-    from ..export.onnx import check_model, export_plugin_flavour
+    from ..export.onnx import export_plugin_flavour
 
     graph = export_plugin_flavour(atm, example, opts.opset, metadata, typical_tokens=typical_tokens, half=True)
-    check_model(graph, "plugin")
+    save_checked(graph, "plugin", writer, name)
+
+
+def save_checked(graph, flavour: str, writer: ArtifactWriter, name: str) -> None:
+    """Check ``graph`` as an atm-export file of ``flavour`` and stage it as ``name``."""
+    import onnx
+
+    from ..export.onnx import check_model
+
+    check_model(graph, flavour)
     onnx.save(graph, writer.path(name))
 
 
