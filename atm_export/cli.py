@@ -108,13 +108,19 @@ def _merge_setting_options(command):
                                       "settings below override its fields. See `atm-export models`."),
         click.option("--preset-file", type=click.Path(dir_okay=False),
                      help="Presets of your own in the registry's format (e.g. written by `atm-export tune`)."),
-        click.option("--policy", type=click.Choice(["atm", "atm-per-image", "tome", "none"]), help="Merge-count policy."),
+        click.option("--policy", type=click.Choice(["atm", "atm-per-image", "tome", "adamerge", "none"]),
+                     help="Merge policy: ATM (thresholds), ToMe (fixed r), AdaMerge (salience and calibrated intensity), none."),
         click.option("--alpha", type=float, help="ATM initial threshold (0..1)."),
         click.option("--beta", type=float, help="ATM threshold decay rate."),
         click.option("--theta-min", type=float, help="ATM lowest threshold (0..1)."),
         click.option("--split-layer", type=int,
                      help="Last block with alternate matching; later blocks use size-distinctive matching."),
         click.option("--r", "r", callback=_parse_r, help="ToMe merge count (with --policy tome): one number, or one per block."),
+        click.option("--r-max", "r_max", callback=_parse_r,
+                     help="AdaMerge: most merges per image and block (default 16): one number, or one per block."),
+        click.option("--intensity-scale", type=float, help="AdaMerge: slope of the intensity sigmoid (default 1)."),
+        click.option("--salience-temperature", type=click.FloatRange(min=0, min_open=True),
+                     help="AdaMerge: temperature of the salience softmax (default 1)."),
         click.option("--prop-attn/--no-prop-attn", default=None,
                      help="Proportional attention (default: on for class-token models)."),
         click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub."),
@@ -125,7 +131,8 @@ def _merge_setting_options(command):
     return command
 
 
-OVERRIDES = ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn")
+OVERRIDES = ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_attn", "r_max", "intensity_scale",
+             "salience_temperature")
 
 
 def _overrides(kw: dict) -> dict:
@@ -286,6 +293,43 @@ def tune_cmd(model, target_gflops, min_agreement, metric, output, alphas, betas,
                f"held-out GFLOPs {h.gflops:.4f} (unmerged {report.unmerged_held_out.gflops:.4f}), agreement "
                f"{h.agreement:.4f}: target {'met' if report.met_on_held_out else 'MISSED'} on held-out images")
     click.echo(f"wrote {output} (use: --preset-file {output})")
+
+
+@cli.command("calibrate")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(file_okay=False),
+              help="Calibration images (class subfolders, or a flat folder; labels are not read).")
+@click.option("--r-max", "r_max", callback=_parse_r, help="Most merges per image and block (default 16): one number, or one per block.")
+@click.option("--intensity-scale", type=float, help="Slope of the intensity sigmoid (default 1).")
+@click.option("--salience-temperature", type=click.FloatRange(min=0, min_open=True),
+              help="Temperature of the salience softmax (default 1).")
+@click.option("--split-layer", type=int, help="Last block with alternate matching (default: every block).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local checkpoint (.safetensors or torch) instead of the hub.")
+@click.option("--random-init", is_flag=True, help="Random weights (the statistics then describe an untrained model).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per batch (batch-adaptive merging: calibrate at the batch size you deploy).")
+@click.option("--limit", type=click.IntRange(min=2), default=256, show_default=True,
+              help="Use at most N images of --data (a fixed shuffled subset).")
+@click.option("--name", default="calibrated", show_default=True, help="The preset's name in the file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="The preset file (default: atm-out/MODEL-adamerge.toml).")
+@click.option("--force", is_flag=True, help="Replace an earlier preset file.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image-decoding worker processes.")
+@_verbosity_options
+def calibrate_cmd(model, output, quiet, verbose, r_max, intensity_scale, salience_temperature, split_layer, **kw):
+    """AdaMerge: measure the per-layer redundancy statistics on your images; write a preset file.
+
+    Use it with: atm-export MODEL --preset-file FILE (and with eval and check).
+    """
+    from .jobs.calibrate import CalibrateOptions, run_calibrate
+
+    output = Path(output) if output else Path("atm-out") / f"{model}-adamerge.toml"
+    overrides = {"r_max": r_max, "intensity_scale": intensity_scale, "salience_temperature": salience_temperature,
+                 "split_layer": split_layer}
+    command = f"atm-export calibrate {model} --data {kw['data']}"
+    config = run_calibrate(CalibrateOptions(model=model, output=output, overrides=overrides, command=command, **kw),
+                           _console(quiet, verbose))
+    click.echo(f"wrote {output}: AdaMerge statistics for {len(config.redundancy_mean)} blocks "
+               f"(use: atm-export {model} --preset-file {output})")
 
 
 @cli.command("check")

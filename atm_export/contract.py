@@ -27,15 +27,20 @@ LOOKUP_KEYS = {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAME
 #: split_mode attribute values, by the split names of atm_export.merge.
 SPLIT_CODES = {"alternate": 0, "size": 1}
 SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
+#: weighting attribute values, by the weighting names of atm_export.merge.
+WEIGHTING_CODES = {"size": 0, "salience": 1}
+WEIGHTING_NAMES = {code: name for name, code in WEIGHTING_CODES.items()}
 
 NODE_PREFIX = f"{OP_TYPE}_b"
 
 
 @dataclass(frozen=True)
 class Attributes:
-    """A TokenMerge node's attributes: the four of the math, and two token counts for TensorRT.
+    """A TokenMerge node's attributes: those of the math, and two token counts for TensorRT.
 
-    threshold: merge the pairs more similar than this (used when ``fixed_r`` < 0);
+    How many pairs merge: ``fixed_r`` if >= 0; else AdaMerge's intensity rule if ``r_max`` >= 0;
+    else the ``threshold`` rule.
+    threshold: merge the pairs more similar than this (ATM; used when ``fixed_r`` and ``r_max`` < 0);
     fixed_r: if >= 0, merge this many pairs (at most floor(M/2));
     split_mode: a value of SPLIT_CODES;
     num_protected: the leading tokens that are never merged;
@@ -43,6 +48,14 @@ class Attributes:
     max_num_tokens: the model's input token count (patches + prefix tokens, N entering block 1),
         a bound on every node's N that the plugin sizes its workspace by when TensorRT reports
         none (-1: unknown; no effect on the math).
+    weighting: a value of WEIGHTING_CODES: 0 size (ATM, ToMe), 1 salience (AdaMerge: scores and
+        averaging weights use the tokens' salience);
+    salience_temperature: tau of the salience softmax(u u^T / tau) (read when weighting = 1);
+    r_max: if >= 0 (and fixed_r < 0), AdaMerge's intensity rule: image b merges
+        floor(r_max * sigmoid(redundancy_scale * (rho_b - redundancy_mean) / redundancy_std))
+        pairs, rho_b its mean match score; the batch merges the floor of their mean;
+    redundancy_mean, redundancy_std: the layer's calibrated statistics of rho;
+    redundancy_scale: the sigmoid's slope.
     """
 
     threshold: float = 1.0
@@ -51,6 +64,12 @@ class Attributes:
     num_protected: int = 1
     opt_num_tokens: int = -1
     max_num_tokens: int = -1
+    weighting: int = 0
+    salience_temperature: float = 1.0
+    r_max: int = -1
+    redundancy_mean: float = 0.0
+    redundancy_std: float = 1.0
+    redundancy_scale: float = 1.0
 
     def __post_init__(self):
         if self.split_mode not in SPLIT_NAMES:
@@ -60,12 +79,28 @@ class Attributes:
         for name in ("opt_num_tokens", "max_num_tokens"):
             if getattr(self, name) < -1:
                 raise ValueError(f"{name} must be >= -1, got {getattr(self, name)}")
-        if self.fixed_r < 0 and math.isnan(self.threshold):
+        if self.weighting not in WEIGHTING_NAMES:
+            raise ValueError(f"weighting must be one of {sorted(WEIGHTING_NAMES)}, got {self.weighting}")
+        if self.weighting and not (math.isfinite(self.salience_temperature) and self.salience_temperature > 0):
+            raise ValueError(f"salience_temperature must be > 0, got {self.salience_temperature}")
+        if self.r_max < -1:
+            raise ValueError(f"r_max must be >= -1, got {self.r_max}")
+        if self.fixed_r < 0 and self.r_max >= 0:
+            if not (math.isfinite(self.redundancy_std) and self.redundancy_std > 0):
+                raise ValueError(f"redundancy_std must be > 0, got {self.redundancy_std}")
+            if not (math.isfinite(self.redundancy_mean) and math.isfinite(self.redundancy_scale)):
+                raise ValueError("redundancy_mean and redundancy_scale must be finite")
+        elif self.fixed_r < 0 and math.isnan(self.threshold):
             raise ValueError("threshold is NaN (and fixed_r < 0 asks for the threshold)")
 
     @classmethod
     def for_step(cls, step, num_protected: int, opt_num_tokens: int = -1, max_num_tokens: int = -1) -> "Attributes":
         """The attributes of one block's merge step (an ``atm_export.schedule.StepSpec``)."""
+        intensity = {}
+        if step.intensity is not None:
+            i = step.intensity
+            intensity = {"r_max": int(i.r_max), "redundancy_mean": float(i.mean), "redundancy_std": float(i.std),
+                         "redundancy_scale": float(i.scale)}
         return cls(
             threshold=1.0 if step.threshold is None else float(step.threshold),
             fixed_r=-1 if step.r is None else int(step.r),
@@ -73,6 +108,9 @@ class Attributes:
             num_protected=int(num_protected),
             opt_num_tokens=int(opt_num_tokens),
             max_num_tokens=int(max_num_tokens),
+            weighting=WEIGHTING_CODES[step.weighting],
+            salience_temperature=float(step.salience_temperature),
+            **intensity,
         )
 
     @classmethod
@@ -86,10 +124,25 @@ class Attributes:
         """The split's name in atm_export.merge."""
         return SPLIT_NAMES[self.split_mode]
 
+    @property
+    def count_rule(self) -> str:
+        """How the node decides its merge count: ``fixed``, ``intensity`` or ``threshold``."""
+        return "fixed" if self.fixed_r >= 0 else "intensity" if self.r_max >= 0 else "threshold"
+
+    def intensity(self):
+        """AdaMerge's intensity rule (``atm_export.merge.Intensity``), or None for another count rule."""
+        from .merge import Intensity
+
+        if self.count_rule != "intensity":
+            return None
+        return Intensity(self.r_max, self.redundancy_mean, self.redundancy_std, self.redundancy_scale)
+
     def merge_kwargs(self) -> dict:
         """The keyword arguments of ``atm_export.merge.token_merge`` for these attributes."""
-        fixed = self.fixed_r >= 0
-        return {"threshold": None if fixed else self.threshold, "r": self.fixed_r if fixed else None,
+        rule = self.count_rule
+        return {"threshold": self.threshold if rule == "threshold" else None,
+                "r": self.fixed_r if rule == "fixed" else None, "intensity": self.intensity(),
+                "weighting": WEIGHTING_NAMES[self.weighting], "salience_temperature": self.salience_temperature,
                 "split_mode": self.split, "num_protected": self.num_protected}
 
     def onnx(self) -> dict:

@@ -2,16 +2,17 @@
 
 One merge step of docs/token-merge-op.md on torch tensors:
 
-- :func:`token_merge_cuda`: the CUDA kernels on CUDA tensors (3 launches, 4 with the size split;
-  one fewer when A is empty),
+- :func:`token_merge_cuda`: the CUDA kernels on CUDA tensors (3 launches, +1 with the size split,
+  +3 with AdaMerge's salience weighting; one fewer when A is empty),
 - :func:`token_merge_host`: the same block programs run on the CPU, on CPU tensors (bitwise
   equal to the CUDA path; used where there is no GPU, e.g. CI),
 - :func:`launch`: the CUDA kernels into preallocated buffers, without synchronising (for
   benchmarks and CUDA graphs).
 
 Both convenience functions take the keyword arguments of :func:`atm_export.merge.token_merge`
-(exactly one of ``threshold`` and ``r``) and return ``KernelMerge(x, size, num_tokens)``, the
-outputs sliced to the data-dependent token count.
+(exactly one of ``threshold``, ``r`` and ``intensity``; ``weighting`` and ``salience_temperature``)
+and return ``KernelMerge(x, size, num_tokens)``, the outputs sliced to the data-dependent token
+count.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import plugin_lib
-from .merge import ALTERNATE, SIZE_DISTINCTIVE
+from . import contract, plugin_lib
+from .merge import ALTERNATE, SIZE_DISTINCTIVE, SIZE_WEIGHTS, Intensity
 
 _SPLIT_MODES = {ALTERNATE: 0, SIZE_DISTINCTIVE: 1}
+_WEIGHTINGS = dict(contract.WEIGHTING_CODES)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 STATUS_OK = 0
@@ -49,11 +51,27 @@ class Params(ctypes.Structure):
         ("fixed_r", ctypes.c_int32),
         ("threshold", ctypes.c_float),
         ("dtype", ctypes.c_int32),
+        ("weighting", ctypes.c_int32),
+        ("salience_temperature", ctypes.c_float),
+        ("r_max", ctypes.c_int32),
+        ("redundancy_mean", ctypes.c_float),
+        ("redundancy_std", ctypes.c_float),
+        ("redundancy_scale", ctypes.c_float),
     ]
+
+    def __init__(self, *args, **kwargs):
+        # AdaMerge's fields take the contract's defaults (ctypes would zero them: r_max = 0 is
+        # the intensity rule, not "off").
+        defaults = {name: contract.DEFAULTS[name] for name in _ADAMERGE_FIELDS}
+        named = [name for name, _ in self._fields_[: len(args)]]
+        super().__init__(*args, **{**{k: v for k, v in defaults.items() if k not in named}, **kwargs})
 
 
 class Attributes(ctypes.Structure):
-    """atm_token_merge_attributes."""
+    """atm_token_merge_attributes (fields in contract.Attributes' order).
+
+    Fields not given take the contract's defaults, not ctypes' zeros.
+    """
 
     _fields_ = [
         ("threshold", ctypes.c_float),
@@ -62,7 +80,22 @@ class Attributes(ctypes.Structure):
         ("num_protected", ctypes.c_int32),
         ("opt_num_tokens", ctypes.c_int32),
         ("max_num_tokens", ctypes.c_int32),
+        ("weighting", ctypes.c_int32),
+        ("salience_temperature", ctypes.c_float),
+        ("r_max", ctypes.c_int32),
+        ("redundancy_mean", ctypes.c_float),
+        ("redundancy_std", ctypes.c_float),
+        ("redundancy_scale", ctypes.c_float),
     ]
+
+    def __init__(self, *args, **kwargs):
+        named = [name for name, _ in self._fields_[: len(args)]]
+        defaults = {name: contract.DEFAULTS[name] for name, _ in self._fields_ if name not in named}
+        super().__init__(*args, **{**defaults, **kwargs})
+
+
+#: The params fields of AdaMerge, which default to the contract's values.
+_ADAMERGE_FIELDS = ("weighting", "salience_temperature", "r_max", "redundancy_mean", "redundancy_std", "redundancy_scale")
 
 
 class PluginField(ctypes.Structure):
@@ -143,14 +176,20 @@ def make_params(
     *,
     threshold: float | None = None,
     r: int | None = None,
+    intensity: Intensity | None = None,
+    weighting: str = SIZE_WEIGHTS,
+    salience_temperature: float = 1.0,
     split_mode: str = ALTERNATE,
     num_protected: int = 1,
 ) -> Params:
-    """Kernel parameters for x [B, N, C] and metric [B, N, D] (exactly one of threshold and r)."""
-    if (threshold is None) == (r is None):
-        raise ValueError("give exactly one of threshold (adaptive) and r (fixed)")
+    """Kernel parameters for x [B, N, C] and metric [B, N, D] (exactly one of threshold, r and
+    intensity, as atm_export.merge.token_merge)."""
+    if sum(v is not None for v in (threshold, r, intensity)) != 1:
+        raise ValueError("give exactly one of threshold (adaptive), r (fixed) and intensity (AdaMerge)")
     if split_mode not in _SPLIT_MODES:
         raise ValueError(f"unknown split mode {split_mode!r}; expected one of {tuple(_SPLIT_MODES)}")
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {tuple(_WEIGHTINGS)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     batch, n, c = x.shape
@@ -164,6 +203,12 @@ def make_params(
         fixed_r=-1 if r is None else max(0, min(int(r), 2**31 - 1)),
         threshold=float("nan") if threshold is None else float(threshold),
         dtype=_DTYPES[x.dtype],
+        weighting=_WEIGHTINGS[weighting],
+        salience_temperature=float(salience_temperature),
+        r_max=-1 if intensity is None else max(0, min(int(intensity.r_max), 2**31 - 1)),
+        redundancy_mean=0.0 if intensity is None else float(intensity.mean),
+        redundancy_std=1.0 if intensity is None else float(intensity.std),
+        redundancy_scale=1.0 if intensity is None else float(intensity.scale),
     )
 
 
@@ -251,12 +296,16 @@ def token_merge_cuda(
     *,
     threshold: float | None = None,
     r: int | None = None,
+    intensity: Intensity | None = None,
+    weighting: str = SIZE_WEIGHTS,
+    salience_temperature: float = 1.0,
     split_mode: str = ALTERNATE,
     num_protected: int = 1,
 ) -> KernelMerge:
     """One merge step with the CUDA kernels. Synchronises once, to read the token count."""
     x, size, metric, params, (x_out, size_out, num_tokens) = _prepare(
-        x, size, metric, "cuda", threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
+        x, size, metric, "cuda", threshold=threshold, r=r, intensity=intensity, weighting=weighting,
+        salience_temperature=salience_temperature, split_mode=split_mode, num_protected=num_protected)
     workspace = torch.empty(workspace_size(params), dtype=torch.uint8, device=x.device)
     launch(x, size, metric, x_out, size_out, num_tokens, workspace, params)
     k = int(num_tokens.item())
@@ -270,12 +319,16 @@ def token_merge_host(
     *,
     threshold: float | None = None,
     r: int | None = None,
+    intensity: Intensity | None = None,
+    weighting: str = SIZE_WEIGHTS,
+    salience_temperature: float = 1.0,
     split_mode: str = ALTERNATE,
     num_protected: int = 1,
 ) -> KernelMerge:
     """One merge step with the kernels' CPU executor (CPU tensors)."""
     x, size, metric, params, (x_out, size_out, num_tokens) = _prepare(
-        x, size, metric, "cpu", threshold=threshold, r=r, split_mode=split_mode, num_protected=num_protected)
+        x, size, metric, "cpu", threshold=threshold, r=r, intensity=intensity, weighting=weighting,
+        salience_temperature=salience_temperature, split_mode=split_mode, num_protected=num_protected)
     lib = load_library()
     status = lib.atm_token_merge_host(
         ctypes.byref(params), _ptr(x), _ptr(size), _ptr(metric), _ptr(x_out), _ptr(size_out), _ptr(num_tokens)

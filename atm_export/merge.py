@@ -1,4 +1,4 @@
-"""Token merging math for Adaptive Token Merging (ATM), as small pure tensor functions.
+"""Token merging math for Adaptive Token Merging (ATM) and AdaMerge, as small pure tensor functions.
 
 One merge step, exactly as docs/token-merge-op.md specifies it (the ONNX lowering, the ONNX
 Runtime reference op and the CUDA kernels all follow the same contract):
@@ -8,10 +8,16 @@ Runtime reference op and the CUDA kernels all follow the same contract):
    alternately by position in the whole sequence (ToMe's split) or by merging size.
 2. ``match``: every token in A picks its most similar token in B (cosine similarity of the
    metric, i.e. the attention keys averaged over heads).
-3. the caller decides ``r``, the number of pairs to merge (fixed, or from a threshold), at
-   most ``max_merges(M)`` = floor(M/2), as ToMe caps it.
+3. the caller decides ``r``, the number of pairs to merge (fixed, from a threshold, or from
+   AdaMerge's redundancy ``intensity_counts``), at most ``max_merges(M)`` = floor(M/2), as
+   ToMe caps it.
 4. ``plan_merge``: the r best-matched tokens of A are merged into their partners in B.
 5. ``merge_weighted`` applies the plan: size-weighted average (gather, scatter-add, divide).
+
+AdaMerge (``weighting="salience"``) changes two things: the match scores are weighted by the
+source token's salience (``salience``: min-max normalised column sums of softmax(X X^T / tau)
+over the unprotected tokens), and the average weights every token by size * (salience + floor).
+Its per-layer count comes from the batch's redundancy (``redundancy``, ``intensity_counts``).
 
 Shapes: B = batch, N = tokens, C = channels, D = metric width, Na = |A|, Nb = |B|.
 """
@@ -26,8 +32,18 @@ ALTERNATE = "alternate"
 SIZE_DISTINCTIVE = "size"
 SPLIT_MODES = (ALTERNATE, SIZE_DISTINCTIVE)
 
+SIZE_WEIGHTS = "size"
+SALIENCE_WEIGHTS = "salience"
+WEIGHTINGS = (SIZE_WEIGHTS, SALIENCE_WEIGHTS)
+
 #: Guards the division in the cosine similarity against all-zero metric rows.
 NORM_EPS = 1e-12
+#: The least spread of centralities normalised to the full [0, 1]. Centralities average exactly 1
+#: (every softmax row sums to 1), so spreads under 1 % count as "equally salient": float rounding
+#: in near-equal centralities (two tokens always tie) must not become salience differences.
+SALIENCE_EPS = 1e-2
+#: Added to the salience in merge weights: the least central token (salience 0) still counts.
+SALIENCE_FLOOR = 1e-2
 
 
 def alternate_starts(num_protected: int) -> tuple[int, int]:
@@ -119,8 +135,7 @@ def match(metric: torch.Tensor, split: Split, runner_up: bool = False):
     ``runner_up``, also the gap [B, Na] between the best and the second-best similarity
     (a diagnostic: a tiny gap is a choice that float rounding can flip).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    ma, mb = split.select(metric)
+    ma, mb = split.select(unit_rows(metric))
     if mb.shape[1] == 0:  # a single unprotected token is left: nothing to merge it into
         empty = ma.new_full(ma.shape[:2], -1.0)
         dst = torch.zeros(ma.shape[:2], dtype=torch.int64, device=ma.device)
@@ -133,6 +148,84 @@ def match(metric: torch.Tensor, split: Split, runner_up: bool = False):
         return score, dst, torch.full_like(score, float("inf"))
     top2 = sim.topk(2, dim=-1).values
     return score, dst, top2[..., 0] - top2[..., 1]
+
+
+def unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """Every row scaled to unit length (all-zero rows stay zero). metric: [B, N, D]."""
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def salience(metric: torch.Tensor, num_protected: int, temperature: float = 1.0) -> torch.Tensor:
+    """AdaMerge's token salience: feature-affinity centrality. metric: [B, N, D] -> [B, N].
+
+    Over the M unprotected tokens u (unit rows of the metric): c = column sums of
+    softmax(u u^T / temperature) (row-wise softmax), then min-max normalised per image to
+    [0, 1]: s = (c - min c) / max(max c - min c, SALIENCE_EPS). Protected tokens get 1 (they
+    never merge; the value is never read). The centralities average 1 (each softmax row sums
+    to 1): a token others are closer to than to their own neighbours is a hub and scores high.
+    """
+    batch, n, _ = metric.shape
+    p = min(num_protected, n)
+    s = metric.new_ones((batch, n), dtype=torch.float32)
+    if n - p == 0:
+        return s
+    u = unit_rows(metric[:, p:].float())
+    centrality = torch.softmax((u @ u.transpose(1, 2)) / temperature, dim=-1).sum(dim=1)  # [B, M]
+    lo = centrality.min(dim=1, keepdim=True).values
+    hi = centrality.max(dim=1, keepdim=True).values
+    s[:, p:] = (centrality - lo) / (hi - lo).clamp_min(SALIENCE_EPS)
+    return s
+
+
+def merge_weights(size: torch.Tensor, token_salience: torch.Tensor) -> torch.Tensor:
+    """AdaMerge's averaging weights: size * (salience + SALIENCE_FLOOR). [B, N] -> [B, N]."""
+    return size * (token_salience + SALIENCE_FLOOR)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """AdaMerge's per-layer merge intensity from the input's redundancy.
+
+    Per image, r_b = floor(r_max * sigmoid(scale * (rho_b - mean) / std)), rho_b being the
+    mean match score of the image's A tokens (``redundancy``); mean and std are the layer's
+    calibrated statistics of rho. The batch merges floor(mean_b r_b) pairs (as ATM's counts).
+    """
+
+    r_max: int
+    mean: float
+    std: float
+    scale: float = 1.0
+
+
+def redundancy(score: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean match score over the A tokens (0 when A is empty). score: [B, Na] -> [B]."""
+    if score.shape[1] == 0:
+        return score.new_zeros(score.shape[0])
+    return score.mean(dim=1)
+
+
+def intensity_fraction(rho: torch.Tensor, intensity: Intensity) -> torch.Tensor:
+    """r_max * sigmoid(scale * (rho - mean) / std), in float32 (the count before the floor). [B]."""
+    z = (rho.float() - intensity.mean) / intensity.std
+    return intensity.r_max * torch.sigmoid(intensity.scale * z)
+
+
+def intensity_counts(rho: torch.Tensor, intensity: Intensity) -> torch.Tensor:
+    """Per image, the pairs AdaMerge would merge: floor(intensity_fraction). [B] -> [B] int64."""
+    return intensity_fraction(rho, intensity).floor().to(torch.int64)
+
+
+def intensity_margin(rho: torch.Tensor, intensity: Intensity) -> float:
+    """Smallest distance of an image's redundancy to one that changes its count (a diagnostic).
+
+    The count steps where r_max * sigmoid(...) = k for k = 1 .. r_max - 1, i.e. at
+    rho_k = mean + std / scale * logit(k / r_max). In score units, like a threshold margin.
+    """
+    if intensity.r_max <= 1 or intensity.scale == 0 or rho.numel() == 0:
+        return float("inf")
+    k = torch.arange(1, intensity.r_max, dtype=torch.float64) / intensity.r_max
+    steps = intensity.mean + intensity.std / intensity.scale * torch.log(k / (1 - k))
+    return float((rho.double().unsqueeze(1) - steps).abs().min())
 
 
 def count_above(score: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -170,6 +263,8 @@ class MergePlan:
     out_index: [B, N - r] the input token behind every output token (the output order);
     src_token / dst_slot: [B, r] each merged source's input token, and the output position of
     the partner it merges into.
+    weight: [B, N] the averaging weight of every input token (AdaMerge's size * salience);
+    None: the sizes themselves.
     """
 
     split: Split
@@ -179,6 +274,7 @@ class MergePlan:
     out_index: torch.Tensor
     src_token: torch.Tensor
     dst_slot: torch.Tensor
+    weight: torch.Tensor | None = None
 
     @property
     def r(self) -> int:
@@ -230,11 +326,13 @@ def boundary_gap(score: torch.Tensor, r: int) -> float:
 
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge. x: [B, N, C], size: [B, N] -> [B, N - r, C], [B, N - r].
+    """Weighted average merge. x: [B, N, C], size: [B, N] -> [B, N - r, C], [B, N - r].
 
     Output order: protected tokens, kept A tokens (in A's order), B tokens. One gather puts
     every token in its output place; then each partner b that receives sources i becomes
-    x_b + sum_i size_i (x_i - x_b) / size'_b, the weighted average, touching only those rows.
+    x_b + sum_i w_i (x_i - x_b) / W'_b, the weighted average, touching only those rows. The
+    weights w are the sizes (W' = size'_b, the summed size), or the plan's own weights (W' =
+    w_b + sum_i w_i); the sizes are summed either way.
     """
     x_out = take(x, plan.out_index)
     size_out = size.gather(1, plan.out_index)
@@ -242,7 +340,12 @@ def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tupl
         return x_out, size_out
     src_size = size.gather(1, plan.src_token)
     size_out.scatter_add_(1, plan.dst_slot, src_size)
-    weight = (src_size / size_out.gather(1, plan.dst_slot)).unsqueeze(-1).to(x.dtype)
+    if plan.weight is None:
+        src_weight, total = src_size, size_out
+    else:
+        src_weight = plan.weight.gather(1, plan.src_token)
+        total = plan.weight.gather(1, plan.out_index).scatter_add_(1, plan.dst_slot, src_weight)
+    weight = (src_weight / total.gather(1, plan.dst_slot)).unsqueeze(-1).to(x.dtype)
     delta = (take(x, plan.src_token) - take(x_out, plan.dst_slot)) * weight
     x_out.scatter_add_(1, plan.dst_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), delta)
     return x_out, size_out
@@ -263,10 +366,29 @@ class MergeStep:
     x: torch.Tensor
     size: torch.Tensor
     r: int
-    counts: torch.Tensor | None  # [B] pairs above the threshold (None for a fixed r)
-    margin: float | None  # min |score - threshold| over the batch (None for a fixed r)
+    counts: torch.Tensor | None  # [B] pairs above the threshold, or AdaMerge's r_b (None for a fixed r)
+    margin: float | None  # how close the count came to another one, in score units (None for a fixed r)
     plan: MergePlan
     tie_gap: float | None = None  # with diagnostics: the closest call among the choices made
+    redundancy: torch.Tensor | None = None  # [B] AdaMerge's rho_b (None for other counts)
+
+
+def match_scores(metric: torch.Tensor, split: Split, weighting: str = SIZE_WEIGHTS, salience_temperature: float = 1.0,
+                 runner_up: bool = False):
+    """``match``, with AdaMerge's salience weighting when ``weighting`` is ``salience``.
+
+    Returns (score [B, Na], dst [B, Na], token salience [B, N] or None[, partner gap]). The
+    partner is the most similar B token either way; the weighted score is s_a * cos(a, b), the
+    source token's salience times its best similarity (the ranking and the redundancy use it).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    found = match(metric, split, runner_up=runner_up)
+    if weighting == SIZE_WEIGHTS:
+        return (found[0], found[1], None, *found[2:])
+    token_salience = salience(metric, split.num_protected, salience_temperature)
+    source_salience, _ = split.select(token_salience)
+    return (found[0] * source_salience.to(found[0].dtype), found[1], token_salience, *found[2:])
 
 
 def token_merge(
@@ -276,35 +398,46 @@ def token_merge(
     *,
     threshold: float | None = None,
     r: int | None = None,
+    intensity: Intensity | None = None,
+    weighting: str = SIZE_WEIGHTS,
+    salience_temperature: float = 1.0,
     split_mode: str = ALTERNATE,
     num_protected: int = 1,
     diagnostics: bool = False,
 ) -> MergeStep:
-    """One ATM merge step: the TokenMerge op of docs/token-merge-op.md.
+    """One merge step: the TokenMerge op of docs/token-merge-op.md.
 
-    x: [B, N, C]; size: [B, N]; metric: [B, N, D]. Exactly one of ``threshold`` (batch-adaptive
-    r) and ``r`` (fixed r) is given. ``diagnostics`` also measures ``tie_gap``: the smallest
-    gap between a choice made (which tokens merge, and into which partner) and its runner-up.
+    x: [B, N, C]; size: [B, N]; metric: [B, N, D]. Exactly one of ``threshold`` (ATM's
+    batch-adaptive r), ``r`` (fixed r) and ``intensity`` (AdaMerge's r from the redundancy) is
+    given. ``weighting="salience"``: AdaMerge's salience-weighted scores and average.
+    ``diagnostics`` also measures ``tie_gap``: the smallest gap between a choice made (which
+    tokens merge, and into which partner) and its runner-up.
     """
-    if (threshold is None) == (r is None):
-        raise ValueError("give exactly one of threshold (adaptive) and r (fixed)")
+    if sum(v is not None for v in (threshold, r, intensity)) != 1:
+        raise ValueError("give exactly one of threshold (adaptive), r (fixed) and intensity (AdaMerge)")
     split = split_tokens(size, num_protected, split_mode)
     cap = max_merges(x.shape[1] - num_protected)
-    if diagnostics:
-        score, dst, partner_gap = match(metric, split, runner_up=True)
-    else:
-        score, dst = match(metric, split)
-    counts = margin = None
+    found = match_scores(metric, split, weighting, salience_temperature, runner_up=diagnostics)
+    score, dst, token_salience = found[:3]
+    counts = margin = rho = None
     if threshold is not None:
         counts = count_above(score, threshold)
         n_merge = batch_adaptive_r(counts, cap)
         margin = float((score - threshold).abs().min()) if score.numel() else None
+    elif intensity is not None:
+        rho = redundancy(score)
+        counts = intensity_counts(rho, intensity)
+        n_merge = batch_adaptive_r(counts, cap)
+        margin = intensity_margin(rho, intensity)
     else:
         n_merge = fixed_r(r, cap)
     plan = plan_merge(split, score, dst, n_merge)
+    if token_salience is not None:
+        plan.weight = merge_weights(size, token_salience)
     x_out, size_out = merge_weighted(plan, x, size)
     tie_gap = None
     if diagnostics:
+        partner_gap = found[3]
         merged_gap = float(partner_gap.gather(1, plan.src).min()) if plan.src.numel() else float("inf")
         tie_gap = min(merged_gap, boundary_gap(score, n_merge))
-    return MergeStep(x_out, size_out, n_merge, counts, margin, plan, tie_gap)
+    return MergeStep(x_out, size_out, n_merge, counts, margin, plan, tie_gap, rho)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import astuple
+
 from . import contract
 from . import merge as M
 from .schedule import StepSpec
@@ -23,20 +25,23 @@ from .schedule import StepSpec
 def token_merge(
     x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor,
     threshold: float, fixed_r: int, split_mode: int, num_protected: int,
-    opt_num_tokens: int, max_num_tokens: int,
+    opt_num_tokens: int, max_num_tokens: int, weighting: int, salience_temperature: float,
+    r_max: int, redundancy_mean: float, redundancy_std: float, redundancy_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One merge step. x [B,N,C], size [B,N] float32, metric [B,N,D] ->
     (x_out [B,N-r,C], size_out [B,N-r], num_tokens int64 scalar).
 
-    opt_num_tokens and max_num_tokens are TensorRT's hints, carried to the ONNX node; the math
-    ignores them."""
-    attrs = contract.Attributes(threshold, fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens)
+    The arguments after the tensors are contract.Attributes in their order. opt_num_tokens and
+    max_num_tokens are TensorRT's hints, carried to the ONNX node; the math ignores them."""
+    attrs = contract.Attributes(threshold, fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens,
+                                weighting, salience_temperature, r_max, redundancy_mean, redundancy_std,
+                                redundancy_scale)
     step = M.token_merge(x, size, metric, **attrs.merge_kwargs())
     return step.x, step.size, torch.tensor(step.x.shape[1], dtype=torch.int64)
 
 
 @token_merge.register_fake
-def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens):
+def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_protected, *hints_and_adamerge):
     batch, n, c = x.shape
     if fixed_r >= 0 and isinstance(n, int):  # known from N: a static dimension
         n_out = M.tokens_after_fixed_r(n, fixed_r, num_protected)
@@ -52,8 +57,7 @@ def token_merge_op(x, size, metric, step: StepSpec, num_protected: int, opt_num_
     opt_num_tokens, max_num_tokens: the node's hints for TensorRT (contract.Attributes; -1: unknown).
     """
     a = contract.Attributes.for_step(step, num_protected, opt_num_tokens, max_num_tokens)
-    return torch.ops.atm_export.token_merge(x, size, metric, a.threshold, a.fixed_r, a.split_mode, a.num_protected,
-                                            a.opt_num_tokens, a.max_num_tokens)
+    return torch.ops.atm_export.token_merge(x, size, metric, *astuple(a))
 
 
 _DOCS = {
@@ -63,6 +67,12 @@ _DOCS = {
     "num_protected": "leading tokens never merged",
     "opt_num_tokens": "typical output token count, TensorRT's tuning value (-1: unknown)",
     "max_num_tokens": "the model's input token count, a bound on N for TensorRT (-1: unknown)",
+    "weighting": "0 size-weighted average (ATM, ToMe), 1 salience-weighted scores and average (AdaMerge)",
+    "salience_temperature": "tau of the salience softmax(u u^T / tau) (weighting 1)",
+    "r_max": "if >= 0 (and fixed_r < 0): AdaMerge's intensity rule with at most r_max merges per image",
+    "redundancy_mean": "the layer's calibrated mean of the redundancy (intensity rule)",
+    "redundancy_std": "the layer's calibrated spread of the redundancy (intensity rule, > 0)",
+    "redundancy_scale": "the slope of the intensity rule's sigmoid",
     "plugin_version": "TensorRT plugin lookup",
     "plugin_namespace": "TensorRT plugin lookup",
 }
@@ -104,11 +114,14 @@ def onnx_translation():
     opset = onnxscript.values.Opset(contract.DOMAIN, contract.VERSION)
 
     def token_merge_onnx(x, size, metric, threshold: float, fixed_r: int, split_mode: int, num_protected: int,
-                         opt_num_tokens: int, max_num_tokens: int):
+                         opt_num_tokens: int, max_num_tokens: int, weighting: int, salience_temperature: float,
+                         r_max: int, redundancy_mean: float, redundancy_std: float, redundancy_scale: float):
         return opset.TokenMerge(
             x, size, metric,
             threshold=threshold, fixed_r=fixed_r, split_mode=split_mode, num_protected=num_protected,
-            opt_num_tokens=opt_num_tokens, max_num_tokens=max_num_tokens, **contract.LOOKUP_KEYS,
+            opt_num_tokens=opt_num_tokens, max_num_tokens=max_num_tokens, weighting=weighting,
+            salience_temperature=salience_temperature, r_max=r_max, redundancy_mean=redundancy_mean,
+            redundancy_std=redundancy_std, redundancy_scale=redundancy_scale, **contract.LOOKUP_KEYS,
         )
 
     return {torch.ops.atm_export.token_merge.default: token_merge_onnx}

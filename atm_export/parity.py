@@ -152,8 +152,9 @@ def reference_run(atm: ATMVisionTransformer, images: torch.Tensor) -> Reference:
 def explain_call(ref: Reference, call: tuple[str, int, float]) -> str:
     kind, block, margin = call
     threshold = ref.thresholds[block]
-    what = (f"a similarity lies {margin:.1e} from the threshold" + (f" {threshold:.6f}" if threshold is not None else "")
-            if kind == "near_threshold" else
+    near_count = (f"a similarity lies {margin:.1e} from the threshold {threshold:.6f}" if threshold is not None else
+                  f"an image's redundancy lies {margin:.1e} from a step of AdaMerge's intensity rule")
+    what = (near_count if kind == "near_threshold" else
             f"two candidate choices are {margin:.1e} apart (which tokens merge, or into which partner)")
     return f"block {block + 1}: {what}, within float rounding, so a backend may rightly choose otherwise"
 
@@ -191,11 +192,16 @@ def compare(ref: Reference, logits: np.ndarray, tokens: list[int] | None, precis
 
 
 def threshold_margin(step: RecordedStep) -> float:
-    """Smallest |similarity - threshold| of eager's merge step (inf for a fixed r)."""
-    if step.spec.threshold is None:
+    """How close eager's merge step came to another count: smallest |score - threshold|, or for
+    AdaMerge's intensity rule the smallest distance of a redundancy to a step of the rule (inf
+    for a fixed r)."""
+    spec = step.spec
+    if spec.threshold is None and spec.intensity is None:
         return float("inf")
-    score, _ = M.match(step.metric, step.plan.split)
-    return float((score - step.spec.threshold).abs().min()) if score.numel() else float("inf")
+    score = M.match_scores(step.metric, step.plan.split, spec.weighting, spec.salience_temperature)[0]
+    if spec.intensity is not None:
+        return M.intensity_margin(M.redundancy(score), spec.intensity)
+    return float((score - spec.threshold).abs().min()) if score.numel() else float("inf")
 
 
 def same_choices(step: RecordedStep, other: M.Choices) -> bool:
@@ -237,14 +243,14 @@ def choice_deviation(step: RecordedStep, other: M.Choices) -> float:
         return float("inf")
     if plan.r == 0:
         return 0.0
-    metric = step.metric / step.metric.norm(dim=-1, keepdim=True).clamp_min(M.NORM_EPS)
-    ma, mb = plan.split.select(metric)
+    ma, mb = plan.split.select(M.unit_rows(step.metric))
     sim = (ma @ mb.transpose(1, 2)).clamp(-1.0, 1.0)
-    score = sim.max(dim=-1).values
-    worst_chosen = score.gather(1, plan.src).min(dim=1, keepdim=True).values
+    best = sim.max(dim=-1).values
+    score = M.match_scores(step.metric, plan.split, step.spec.weighting, step.spec.salience_temperature)[0]
+    worst_chosen = score.gather(1, plan.src).min(dim=1, keepdim=True).values  # ranked by the (weighted) score
     which = (worst_chosen - score.gather(1, src)).clamp_min(0).max()
     sim_of_src = sim.gather(1, src.unsqueeze(-1).expand(-1, -1, sim.shape[-1]))  # [B, r, Nb]
-    partner = (score.gather(1, src) - sim_of_src.gather(2, dst.unsqueeze(-1)).squeeze(-1)).clamp_min(0).max()
+    partner = (best.gather(1, src) - sim_of_src.gather(2, dst.unsqueeze(-1)).squeeze(-1)).clamp_min(0).max()
     return float(max(which, partner))
 
 

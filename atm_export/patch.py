@@ -67,6 +67,8 @@ class RunStats:
         (which tokens merge, into which partner) and its runner-up (None: not measured).
     per_image_tokens: tokens entering each block, for every image.
     per_image_r: pairs merged by each block, for every image.
+    redundancy_per_layer: per image, AdaMerge's redundancy (mean match score) at each block
+        (None where the block has no intensity step).
     sources: [B, N, N0] which input patches each token holds (only with ``trace_source``),
         taken before the last block of class-token models drops the image tokens.
     sources_after: with ``trace_source``, block (1-based) -> [B, N_b, N0] the same after
@@ -82,6 +84,7 @@ class RunStats:
     tie_gap_per_layer: list[float | None]
     per_image_tokens: list[list[int]]
     per_image_r: list[list[int]]
+    redundancy_per_layer: list[list[float] | None] = field(default_factory=list)
     sources: torch.Tensor | list[torch.Tensor] | None = None
     sources_after: dict[int, torch.Tensor] = field(default_factory=dict)
     steps: list["RecordedStep"] = field(default_factory=list)
@@ -111,6 +114,7 @@ class _EagerMerges:
         self.counts: list[list[int] | None] = []
         self.margins: list[float | None] = []
         self.tie_gaps: list[float | None] = []
+        self.redundancy: list[list[float] | None] = []
         self.steps: list[RecordedStep] = []
         self.merge_seconds = 0.0
         self.sources = torch.eye(n, dtype=x.dtype).expand(batch, n, n) if model.trace_source else None
@@ -124,11 +128,12 @@ class _EagerMerges:
         self.counts.append(None)
         self.margins.append(None)
         self.tie_gaps.append(None)
+        self.redundancy.append(None)
 
     def merge(self, block: int, step: StepSpec, x, size, metric):
         start = time.perf_counter() if self.time_merges else 0.0
-        out = M.token_merge(x, size, metric, threshold=step.threshold, r=step.r, split_mode=step.split_mode,
-                            num_protected=self.model.num_protected, diagnostics=self.diagnostics)
+        out = M.token_merge(x, size, metric, **step.merge_kwargs(), num_protected=self.model.num_protected,
+                            diagnostics=self.diagnostics)
         if self.time_merges:
             self.merge_seconds += time.perf_counter() - start
         if self.sources is not None:
@@ -138,6 +143,7 @@ class _EagerMerges:
         self.counts.append(None if out.counts is None else [int(c) for c in out.counts])
         self.margins.append(out.margin)
         self.tie_gaps.append(out.tie_gap)
+        self.redundancy.append(None if out.redundancy is None else out.redundancy.tolist())
         if self.diagnostics:
             self.steps.append(RecordedStep(block, step, x, size, metric, out.plan))
         return out.x, out.size
@@ -147,7 +153,7 @@ class _EagerMerges:
             tokens_per_layer=[float(t) for t in self.tokens], r_per_layer=[float(r) for r in self.r],
             counts_per_layer=self.counts, margin_per_layer=self.margins, tie_gap_per_layer=self.tie_gaps,
             per_image_tokens=[list(self.tokens) for _ in range(batch)], per_image_r=[list(self.r) for _ in range(batch)],
-            sources=self.sources, sources_after=self.sources_after, steps=self.steps, merge_seconds=self.merge_seconds)
+            redundancy_per_layer=self.redundancy, sources=self.sources, sources_after=self.sources_after, steps=self.steps, merge_seconds=self.merge_seconds)
 
 
 class _OpMerges:
@@ -375,6 +381,10 @@ def _combine_stats(stats: list[RunStats]) -> RunStats:
         tie_gap_per_layer=[_min_or_none(s.tie_gap_per_layer[i] for s in stats) for i in range(depth)],
         per_image_tokens=[t for s in stats for t in s.per_image_tokens],
         per_image_r=[r for s in stats for r in s.per_image_r],
+        redundancy_per_layer=[
+            None if stats[0].redundancy_per_layer[i] is None else [v for s in stats for v in s.redundancy_per_layer[i]]
+            for i in range(depth)
+        ],
         sources=None if stats[0].sources is None else [s.sources[0] for s in stats],
         merge_seconds=sum(s.merge_seconds for s in stats),
     )

@@ -17,6 +17,18 @@ name or the timm name, with its presets::
     top1 = 98.7              # optional
     source = "atm-export tune shapes_vit --data calib/ --min-agreement 0.99"
 
+An AdaMerge preset (``atm-export calibrate`` writes one) holds its settings and the per-layer
+statistics of the redundancy, one value per merging block::
+
+    [shapes_vit.presets.calibrated]
+    policy = "adamerge"
+    r_max = 16                        # or one per block
+    intensity_scale = 1.0
+    salience_temperature = 1.0
+    redundancy_mean = [0.61, 0.55, 0.52, 0.50, 0.47]
+    redundancy_std = [0.05, 0.06, 0.06, 0.07, 0.07]
+    source = "atm-export calibrate shapes_vit --data calib/ (2000 images, batch 64)"
+
 Its presets join the model's registered ones (a name in both is the file's).
 """
 
@@ -28,10 +40,11 @@ from pathlib import Path
 
 from .errors import SettingsError, UserError
 from .registry import ModelEntry, Preset, load_registry
-from .schedule import MergeConfig
+from .schedule import ADAMERGE, MergeConfig
 
-PRESET_KEYS = {"policy", "alpha", "beta", "theta_min", "split_layer", "gflops", "agreement", "top1", "source"}
-SETTING_KEYS = ("policy", "alpha", "beta", "theta_min", "split_layer")
+ADAMERGE_KEYS = ("r_max", "intensity_scale", "salience_temperature", "redundancy_mean", "redundancy_std")
+SETTING_KEYS = ("policy", "alpha", "beta", "theta_min", "split_layer", *ADAMERGE_KEYS)
+PRESET_KEYS = {*SETTING_KEYS, "gflops", "agreement", "top1", "source"}
 
 
 def _fail(path: Path, why: str):
@@ -72,15 +85,20 @@ def _preset(path: Path, name: str, spec) -> Preset:
     if unknown:
         _fail(path, f"preset {name!r} has unknown field(s) {', '.join(unknown)}; fields: {', '.join(sorted(PRESET_KEYS))}")
     policy = spec.get("policy", "atm")
-    if policy.startswith("atm"):
-        missing = [k for k in ("alpha", "beta", "theta_min") if k not in spec]
-        if missing:
-            _fail(path, f"preset {name!r} lacks {', '.join(missing)}")
+    required = ("redundancy_mean", "redundancy_std") if policy == ADAMERGE else (
+        ("alpha", "beta", "theta_min") if str(policy).startswith("atm") else ())
+    missing = [k for k in required if k not in spec]
+    if missing:
+        _fail(path, f"preset {name!r} lacks {', '.join(missing)}")
+    source = str(spec.get("source", f"preset file {path}"))
+    settings = {k: spec[k] for k in SETTING_KEYS if k in spec}
+    if policy == ADAMERGE:
+        settings["calibration_source"] = f"{path} [{name}]: {source}"
     try:
-        config = MergeConfig(**{k: spec[k] for k in SETTING_KEYS if k in spec})
+        config = MergeConfig(**settings)
     except (SettingsError, TypeError) as exc:
         _fail(path, f"preset {name!r}: {exc}")
-    return Preset(name, config, str(spec.get("source", f"preset file {path}")), spec.get("gflops"), spec.get("top1"))
+    return Preset(name, config, source, spec.get("gflops"), spec.get("top1"))
 
 
 def with_preset_file(entry: ModelEntry, path: str | Path | None) -> ModelEntry:
@@ -116,7 +134,12 @@ def preset_file_text(entry: ModelEntry, name: str, config: MergeConfig, figures:
     key = key if key.replace("_", "").isalnum() else f'"{key}"'
     lines = [f"# {c}" for c in comments]
     lines += [f"[{key}]", f"timm_name = {_toml_value(entry.timm_name)}", "", f"[{key}.presets.{name}]"]
-    values = {"alpha": config.alpha, "beta": config.beta, "theta_min": config.theta_min}
+    if config.policy == ADAMERGE:
+        values = {"policy": ADAMERGE, "r_max": list(config.r_max) if len(config.r_max) > 1 else config.r_max[0],
+                  **{k: getattr(config, k) for k in ADAMERGE_KEYS[1:]}}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    else:
+        values = {"alpha": config.alpha, "beta": config.beta, "theta_min": config.theta_min}
     if config.split_layer is not None:
         values["split_layer"] = config.split_layer
     values.update({k: v for k, v in figures.items() if v is not None})

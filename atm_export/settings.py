@@ -12,7 +12,13 @@ fields; a value of None counts as not given):
    an error, and so are thresholds (``--alpha``, ``--beta``, ``--theta-min``), which they
    would ignore. ``--policy tome`` needs ``--r``.
 4. ``--r`` is the tome policy's merge count: without ``--policy tome`` it is an error.
-5. A model without presets (a timm ViT outside models/registry.toml) needs complete settings:
+   Likewise AdaMerge's settings (``--r-max``, ``--intensity-scale``, ``--salience-temperature``)
+   need ``--policy adamerge`` (or an adamerge preset).
+5. ``--policy adamerge`` uses an adamerge preset (a preset file written by ``atm-export
+   calibrate``) when one is named or the preset file holds one, and no preset otherwise (its
+   statistics are then calibrated on the run's sample images). Registry presets hold ATM
+   thresholds, so naming one with it is an error, and so are the thresholds and ``--r``.
+6. A model without presets (a timm ViT outside models/registry.toml) needs complete settings:
    all three thresholds for an ATM policy, ``--policy tome --r N``, or ``--policy none``.
 
 Every broken rule raises :class:`~atm_export.errors.SettingsError` with one line that names
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 
 from .errors import SettingsError
 from .registry import ModelEntry, Preset, registered_model
-from .schedule import MergeConfig
+from .schedule import ADAMERGE, ADAMERGE_FIELDS, MergeConfig
 
 DEFAULT_PRESET = "lossless"
 FIELDS = tuple(f.name for f in dataclasses.fields(MergeConfig))
@@ -64,6 +70,14 @@ def resolve_settings(entry: ModelEntry, preset_name: str | None, overrides: dict
     if policy in FIXED_POLICIES:
         return _fixed_policy(policy, preset_name, given)
     preset = _preset(entry, preset_name)
+    if policy == ADAMERGE or (policy is None and preset_name is not None and preset.config.policy == ADAMERGE):
+        return _adamerge(preset if preset_name is not None else None, given)
+    adamerge_only = [_flag(k) for k in ADAMERGE_FIELDS if k in given]
+    if adamerge_only and (preset is None or preset.config.policy != ADAMERGE):
+        raise SettingsError(f"{', '.join(adamerge_only)} {'applies' if len(adamerge_only) == 1 else 'apply'} only to "
+                            "AdaMerge: add --policy adamerge")
+    if preset is not None and preset.config.policy == ADAMERGE and policy is not None:
+        raise SettingsError(f"preset {preset.name} is an AdaMerge preset; drop --policy {policy} or use --policy adamerge")
     if "r" in given and (policy or (preset.config.policy if preset else "atm")) != "tome":
         raise SettingsError("--r (a fixed merge count per block) needs --policy tome; "
                             "the ATM policies merge by threshold (--alpha, --beta, --theta-min)")
@@ -114,6 +128,21 @@ def _fixed_policy(policy: str, preset_name: str | None, given: dict) -> Settings
     if policy == "none" and "r" in given:
         raise SettingsError("--r (a fixed merge count per block) needs --policy tome; --policy none merges nothing")
     return _settings(MergeConfig(**given), None, given)
+
+
+def _adamerge(preset: Preset | None, given: dict) -> Settings:
+    """``--policy adamerge`` (or an adamerge preset): the preset's statistics, or none yet."""
+    if preset is not None and preset.config.policy != ADAMERGE:
+        raise SettingsError(f"preset {preset.name} holds ATM thresholds, not AdaMerge statistics; write an AdaMerge "
+                            "preset with `atm-export calibrate MODEL --data DIR -o F.toml` and pass --preset-file F.toml, "
+                            "or drop --preset (the statistics are then calibrated on the sample images)")
+    wrong = [_flag(k) for k in (*THRESHOLDS, "r") if k in given]
+    if wrong:
+        raise SettingsError(f"{', '.join(wrong)} {'is not an AdaMerge setting' if len(wrong) == 1 else 'are not AdaMerge settings'}; "
+                            "AdaMerge takes --r-max, --intensity-scale and --salience-temperature")
+    if preset is None:
+        return _settings(MergeConfig(**{**given, "policy": ADAMERGE}), None, given)
+    return _settings(dataclasses.replace(preset.config, **given), preset, given)
 
 
 def _preset(entry: ModelEntry, preset_name: str | None) -> Preset | None:

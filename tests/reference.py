@@ -111,3 +111,78 @@ def sweep(num_protected: int, seeds: int = 3):
         settings = [{"r": r} for r in range(cap + 2)] + [{"threshold": t} for t in (-1.0, 0.0, 0.3, 0.6, 1.0)]
         for kw in settings:
             yield x, size, metric, kw, f"P={num_protected} N={n} seed={seed} {kw}"
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaMerge, restated with loops (docs/method.md): salience-weighted scores and averages, and the
+# per-layer intensity rule.
+
+def reference_salience(metric, p: int, temperature: float) -> list[float]:
+    """One image: min-max normalised column sums of the row softmax of cos(u_i, u_j) / temperature
+    over the unprotected tokens; protected tokens 1."""
+    n = len(metric)
+    tokens = list(range(p, n))
+    column = {j: 0.0 for j in tokens}
+    for i in tokens:
+        logits = {j: _cosine(metric[i], metric[j]) / temperature for j in tokens}
+        top = max(logits.values())
+        weights = {j: math.exp(v - top) for j, v in logits.items()}
+        total = sum(weights.values())
+        for j in tokens:
+            column[j] += weights[j] / total
+    if not tokens:
+        return [1.0] * n
+    lo, hi = min(column.values()), max(column.values())
+    return [1.0] * p + [(column[j] - lo) / max(hi - lo, 1e-2) for j in tokens]
+
+
+def reference_adamerge(x, size, metric, *, r=None, threshold=None, intensity=None, salience_temperature=1.0,
+                       split_mode="alternate", num_protected=1):
+    """One AdaMerge step on nested lists. intensity: (r_max, mean, std, scale).
+
+    Returns (x_out, size_out, r_used, per-image counts, per-image redundancy), outputs in the op's
+    order as ``reference_merge``'s.
+    """
+    batch, n, p = len(x), len(x[0]), num_protected
+    per_image = []
+    for bi in range(batch):
+        salience = reference_salience(metric[bi], p, salience_temperature)
+        a_idx, b_idx = _split(n, p, size[bi], split_mode)
+        cosines, partners = _best_partners(metric[bi], a_idx, b_idx, p)
+        scores = [c if c == NEG_INF else salience[a] * c for a, c in zip(a_idx, cosines)]
+        per_image.append((a_idx, b_idx, scores, partners, salience))
+
+    cap = (n - p) // 2
+    redundancy, counts = [], []
+    for a_idx, _, scores, _, _ in per_image:
+        real = [s for a, s in zip(a_idx, scores) if a >= p and s != NEG_INF]
+        rho = sum(real) / len(real) if real else 0.0
+        redundancy.append(rho)
+        if intensity is not None:
+            r_max, mean, std, scale = intensity
+            counts.append(math.floor(r_max / (1.0 + math.exp(-scale * (rho - mean) / std))))
+        else:
+            counts.append(sum(1 for s in scores if threshold is not None and s > threshold))
+    r_used = min(r, cap) if r is not None else min(sum(counts) // batch, cap)
+
+    x_out, size_out = [], []
+    for bi, (a_idx, b_idx, scores, partners, salience) in enumerate(per_image):
+        weight = [size[bi][t] * (salience[t] + 1e-2) for t in range(n)]
+        ranked = sorted(range(len(a_idx)), key=lambda i: (-scores[i], i))
+        merged, kept = ranked[:r_used], sorted(ranked[r_used:])
+        sums = {b: [v * weight[b] for v in x[bi][b]] for b in b_idx}
+        weights = {b: weight[b] for b in b_idx}
+        sizes = {b: size[bi][b] for b in b_idx}
+        for i in merged:
+            a, b = a_idx[i], b_idx[partners[i]]
+            assert a >= p and b >= p, "a protected token was merged"
+            sums[b] = [acc + v * weight[a] for acc, v in zip(sums[b], x[bi][a])]
+            weights[b] += weight[a]
+            sizes[b] += size[bi][a]
+        kept_a = [a_idx[i] for i in kept if a_idx[i] >= p]
+        dests = [b for b in b_idx if b >= p]
+        rows = [list(x[bi][t]) for t in range(p)] + [list(x[bi][a]) for a in kept_a]
+        rows += [[v / weights[b] for v in sums[b]] for b in dests]
+        x_out.append(rows)
+        size_out.append([size[bi][t] for t in range(p)] + [size[bi][a] for a in kept_a] + [sizes[b] for b in dests])
+    return x_out, size_out, r_used, counts, redundancy

@@ -21,6 +21,7 @@ from atm_export.schedule import StepSpec
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
 CONTRACT_H = PLUGIN_DIR / "tokenMergePlugin" / "tokenMergeContract.h"
 KERNEL_H = PLUGIN_DIR / "tokenMergePlugin" / "tokenMergeKernel.h"
+STEPS_H = PLUGIN_DIR / "tokenMergePlugin" / "tokenMergeSteps.h"
 
 # ---- reading the header ----------------------------------------------------------------------
 
@@ -93,6 +94,34 @@ def test_header_split_codes_equal_the_contract(header):
     assert codes == contract.SPLIT_CODES
 
 
+def test_header_weighting_codes_equal_the_contract(header):
+    codes = {key.lower(): value for key, value in _group(header, "ATM_TOKEN_MERGE_WEIGHTING_").items()}
+    assert codes == contract.WEIGHTING_CODES
+    assert header["ATM_TOKEN_MERGE_DEFAULT_WEIGHTING"] == contract.WEIGHTING_CODES["size"]
+
+
+def test_kernel_weighting_enum_takes_the_contract_codes():
+    body = re.search(r"enum\s+atm_token_merge_weighting\s*\{(.*?)\}", KERNEL_H.read_text(), re.S)
+    assert body is not None, "enum atm_token_merge_weighting not found in tokenMergeKernel.h"
+    values = dict(re.findall(r"(ATM_WEIGHTING_\w+)\s*=\s*([^,}]+?)\s*[,}]", body.group(1) + "}"))
+    enum = {name: _evaluate(value, _macros(CONTRACT_H)) for name, value in values.items()}
+    codes = contract.WEIGHTING_CODES
+    assert enum == {"ATM_WEIGHTING_SIZE": codes["size"], "ATM_WEIGHTING_SALIENCE": codes["salience"]}
+    assert all(v.startswith("ATM_TOKEN_MERGE_WEIGHTING_") for v in values.values())
+
+
+def test_kernel_salience_constants_equal_the_merge_math():
+    """tokenMergeSteps.h's SALIENCE_EPS and SALIENCE_FLOOR are atm_export.merge's (float32)."""
+    import struct
+
+    text = STEPS_H.read_text()
+    found = {name: float(value) for name, value in
+             re.findall(r"constexpr\s+float\s+(kSalienceEps|kSalienceFloor)\s*=\s*([0-9.eE+-]+)f;", text)}
+    f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
+    assert {k: f32(v) for k, v in found.items()} == {"kSalienceEps": f32(merge.SALIENCE_EPS),
+                                                     "kSalienceFloor": f32(merge.SALIENCE_FLOOR)}
+
+
 def test_kernel_split_enum_takes_the_contract_codes():
     """tokenMergeKernel.h's public enum names stand for the contract's codes (through its macros)."""
     body = re.search(r"enum\s+atm_token_merge_split_mode\s*\{(.*?)\}", KERNEL_H.read_text(), re.S)
@@ -133,7 +162,9 @@ OK, INVALID = 0, 1
 FLOAT32, INT32, CHAR = 1, 5, 6
 #: A valid value other than the default for each attribute of the math.
 OTHER_VALUES = {"threshold": 0.5, "fixed_r": 3, "split_mode": contract.SPLIT_CODES["size"], "num_protected": 2,
-                "opt_num_tokens": 7, "max_num_tokens": 197}  # fmt: skip
+                "opt_num_tokens": 7, "max_num_tokens": 197, "weighting": contract.WEIGHTING_CODES["salience"],
+                "salience_temperature": 0.25, "r_max": 12, "redundancy_mean": 0.75, "redundancy_std": 0.125,
+                "redundancy_scale": 2.5}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +257,33 @@ def test_attributes_default_to_the_defaults_without_lookup_keys():
         ({"opt_num_tokens": -2}, "opt_num_tokens"),
         ({"max_num_tokens": -2}, "max_num_tokens"),
         ({"threshold": math.nan, "fixed_r": -1}, "NaN"),
+        ({"weighting": 2}, "weighting"),
+        ({"weighting": 1, "salience_temperature": 0.0}, "salience_temperature"),
+        ({"r_max": -2}, "r_max"),
+        ({"r_max": 4, "redundancy_std": 0.0}, "redundancy_std"),
     ],
 )
 def test_invalid_attributes_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         contract.Attributes(**kwargs)
+
+
+#: The contract's invalid AdaMerge values, as plugin fields, and the library's reason.
+INVALID_ADAMERGE = [
+    ({"weighting": 2}, "weighting must be"),
+    ({"weighting": 1, "salience_temperature": 0.0}, "salience_temperature must be > 0"),
+    ({"r_max": -2}, "r_max must be >= -1"),
+    ({"r_max": 4, "redundancy_std": 0.0}, "redundancy_std must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), INVALID_ADAMERGE)
+def test_library_rejects_what_the_contract_rejects(lib, values, message):
+    with pytest.raises(ValueError):
+        contract.Attributes(**values)
+    status, parsed = _parse(lib, values)
+    assert status == INVALID and message in lib.atm_token_merge_last_error().decode()
+    assert parsed == _as_dict(_poisoned()), "nothing written"
 
 
 def test_nan_threshold_is_fine_with_a_fixed_r():
@@ -256,7 +309,14 @@ def test_attributes_for_a_step():
                                          max_num_tokens=197)
     assert (fixed.split_mode, fixed.fixed_r, fixed.threshold, fixed.opt_num_tokens) == (0, 8, 1.0, 100)
     assert fixed.max_num_tokens == 197
-    assert fixed.merge_kwargs() == {"threshold": None, "r": 8, "split_mode": "alternate", "num_protected": 1}
+    assert fixed.merge_kwargs() == {"threshold": None, "r": 8, "intensity": None, "weighting": "size",
+                                    "salience_temperature": 1.0, "split_mode": "alternate", "num_protected": 1}
+
+
+def test_weighting_codes_name_the_merge_weightings():
+    assert set(contract.WEIGHTING_CODES) == set(merge.WEIGHTINGS)
+    assert sorted(contract.WEIGHTING_CODES.values()) == list(range(len(merge.WEIGHTINGS)))
+    assert contract.WEIGHTING_NAMES == {code: name for name, code in contract.WEIGHTING_CODES.items()}
 
 
 def test_split_codes_name_the_merge_split_modes():

@@ -34,7 +34,7 @@ def expected_merge_nodes(steps: list[StepSpec | None], num_protected: int) -> di
     for block, step in enumerate(steps, start=1):
         if step is not None:
             attrs = contract.Attributes.for_step(step, num_protected).onnx()
-            attrs["threshold"] = float(np.float32(attrs["threshold"]))  # as ONNX stores it
+            attrs = {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in attrs.items()}  # as ONNX stores it
             for hint in _HINTS:
                 del attrs[hint]
             expected[contract.node_name(block)] = attrs

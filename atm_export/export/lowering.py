@@ -2,10 +2,16 @@
 
 The lowered graph runs in stock ONNX Runtime and is TensorRT's plugin-free fallback, so it
 uses only ops both handle with a runtime (data-dependent) size: Shape, Range, Gather,
-GatherElements, TopK (runtime K), MatMul, Slice, Concat. The scatter-add of the merge is a
-one-hot matrix product (no ScatterElements/ScatterND with reduction, which TensorRT handles
-poorly), and the best-match search gets a sentinel column so that it is defined even when
+GatherElements, TopK (runtime K), MatMul, Slice, Concat, and elementwise ops and reductions
+(Softmax, ReduceSum/Min/Max/L2, Sigmoid, Floor, Cast, Min/Max, Div, Mul). The scatter-add of the
+merge is a one-hot matrix product (no ScatterElements/ScatterND with reduction, which TensorRT
+handles poorly), and the best-match search gets a sentinel column so that it is defined even when
 the destination set is empty.
+
+AdaMerge (``weighting`` = 1, salience) adds the salience (a softmax over the unprotected tokens'
+affinities), weights the ranked scores and the average by it; its intensity rule (``r_max`` >= 0)
+counts pairs from each image's mean score. With ``weighting`` = 0 and no intensity rule the
+graph is ATM's, node for node.
 
 Every step follows docs/token-merge-op.md; the comments name the step.
 """
@@ -21,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import contract
-from ..merge import alternate_starts
+from ..merge import SALIENCE_EPS, SALIENCE_FLOOR, alternate_starts
 
 #: Below every clamped similarity: the sentinel "no partner" column.
 NO_PARTNER = -2.0
@@ -91,10 +97,12 @@ def lower_token_merge(node: onnx.NodeProto, num_tokens: int | None = None
 
     num_tokens: N when the graph knows it statically. Everything that follows from N (the split,
     the cap, and r for a fixed r) is then a constant, so shape inference gives static token
-    dimensions (only the batch stays symbolic in a fixed-r graph).
+    dimensions (only the batch stays symbolic in a fixed-r graph). The threshold and intensity
+    rules' r is data-dependent whatever N is.
     """
     a = contract.Attributes.from_values(_attrs(node))
     threshold, fixed_r, p = a.threshold, a.fixed_r, a.num_protected
+    salience_weights = contract.WEIGHTING_NAMES[a.weighting] == "salience"
     size_mode = a.split == "size"
     x, size, metric = node.input
     x_out, size_out, num_tokens_out = node.output
@@ -170,10 +178,25 @@ def lower_token_merge(node: onnx.NodeProto, num_tokens: int | None = None
     sim = g.op("Concat", [sim, sentinel_row], axis=1)
     score = g.op("Slice", [g.op("ReduceMax", [sim, ax_last], keepdims=0), vec(0), vec(num_a), ax1])
     dst = g.op("Slice", [g.op("ArgMax", [sim], axis=2, keepdims=0, select_last_index=0), vec(0), vec(num_a), ax1])
+    # Step 3b (AdaMerge): salience. The partner stays the cosine's best; the score that is counted
+    # and ranked becomes s_a * score_a, and the average weighs tokens by size * (salience + floor).
+    weights_a, weights_b = sa, sb  # what the average weighs tokens by: their sizes, or ...
+    if salience_weights:
+        ones = g.op("Add", [g.op("Mul", [g.op("Slice", [size, vec(0), vec(p), ax1]), g.const(0.0, np.float32)]),
+                            g.const(1.0, np.float32)]) if p else None  # [B, P]; sizes are finite
+        salience = _salience(g, unit, ones, p, n, a.salience_temperature)
+        score = g.op("Mul", [score, take(salience, "a", tokens_2d=True)])
+        weights = g.op("Mul", [size, g.op("Add", [salience, g.const(SALIENCE_FLOOR, np.float32)])])
+        weights_a, weights_b = take(weights, "a", tokens_2d=True), take(weights, "b", tokens_2d=True)
 
     # Step 4: how many pairs merge (the same r for every image), at most floor(M / 2).
     if fixed_r >= 0:
         r = g.arith("Min", min, fixed_r, cap)
+    elif a.count_rule == "intensity":  # AdaMerge: r_b from the image's redundancy rho_b, its mean score
+        zero_col = g.op("Mul", [first_size, g.const(0.0, np.float32)])  # [B, 1]
+        counts = _intensity_counts(g, _redundancy(g, score, zero_col, num_a), a)
+        total = g.op("ReduceSum", [counts], keepdims=0)  # over the whole batch
+        r = g.arith("Min", min, div(total, batch), cap)
     else:
         above = g.op("Cast", [g.op("Greater", [score, g.const(threshold, np.float32)])], to=TensorProto.INT64)
         total = g.op("ReduceSum", [above], keepdims=0)  # over the whole batch
@@ -190,16 +213,25 @@ def lower_token_merge(node: onnx.NodeProto, num_tokens: int | None = None
     for part, index, name in zip("aba", (src, dst_src, unm), CHOICE_NAMES):
         token_of(part, index, f"{g.prefix}/{name}")
 
-    # Step 6: size-weighted merge; the scatter-add is onehot[B, Nb, r] @ values[B, r, .].
+    # Step 6: weighted merge; the scatter-add is onehot[B, Nb, r] @ values[B, r, .]. With weights w
+    # (the sizes, or AdaMerge's): x'_b = (w_b x_b + sum_i w_i x_i) / (w_b + sum_i w_i); the sizes
+    # add up either way. Size weights emit exactly ATM's nodes (integrity re-lowers old bundles).
     xa, xb = take(x, "a"), take(x, "b")
     src_size = g.op("GatherElements", [sa, src], axis=1)
+    src_weight = g.op("GatherElements", [weights_a, src], axis=1) if salience_weights else src_size
     src_x = g.op("GatherElements", [xa, expand_rows(src, x)], axis=1)
     slots = g.op("Reshape", [g.arange(0, sub(m, num_a), 1), g.const([1, -1, 1])])
     onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [dst_src, ax1]), slots])], to=TensorProto.FLOAT)
-    weighted_src = g.op("Mul", [src_x, g.op("Unsqueeze", [src_size, ax_last])])
-    xb_sum = g.op("Add", [g.op("Mul", [xb, g.op("Unsqueeze", [sb, ax_last])]), g.op("MatMul", [onehot, weighted_src])])
-    sb_new = g.op("Add", [sb, g.op("Squeeze", [g.op("MatMul", [onehot, g.op("Unsqueeze", [src_size, ax_last])]), ax_last])])
-    xb_new = g.op("Div", [xb_sum, g.op("Unsqueeze", [sb_new, ax_last])])
+
+    def received(values):  # [B, r] -> [B, Nb]: per partner, the sum of its sources' values
+        return g.op("Squeeze", [g.op("MatMul", [onehot, g.op("Unsqueeze", [values, ax_last])]), ax_last])
+
+    weighted_src = g.op("Mul", [src_x, g.op("Unsqueeze", [src_weight, ax_last])])
+    xb_sum = g.op("Add", [g.op("Mul", [xb, g.op("Unsqueeze", [weights_b, ax_last])]),
+                          g.op("MatMul", [onehot, weighted_src])])
+    sb_new = g.op("Add", [sb, received(src_size)])
+    wb_new = g.op("Add", [weights_b, received(src_weight)]) if salience_weights else sb_new
+    xb_new = g.op("Div", [xb_sum, g.op("Unsqueeze", [wb_new, ax_last])])
 
     # Step 7: [protected, kept A (in A's order), B].
     head = vec(p)
@@ -209,6 +241,46 @@ def lower_token_merge(node: onnx.NodeProto, num_tokens: int | None = None
     g.op("Concat", [g.op("Slice", [size, vec(0), head, ax1]), s_kept, sb_new], [size_out], axis=1)
     g.op("Sub", [g.tensor(n), g.tensor(r)], [num_tokens_out])
     return g.nodes, g.initializers
+
+
+def _salience(g: _Builder, unit: str, ones: str | None, p: int, n: int | str, temperature: float) -> str:
+    """AdaMerge's salience [B, N] (merge.salience) from the unit metric rows [B, N, D].
+
+    Over the M unprotected rows u: c = column sums of softmax(u u^T / temperature) (row-wise),
+    s = (c - min c) / max(max c - min c, SALIENCE_EPS) per image; the P protected tokens get 1
+    (``ones`` [B, P], None when P = 0: no empty tensor). M >= 1, so no reduction sees an empty one.
+    """
+    ax1 = g.const([1])
+    u = g.op("Slice", [unit, g.vec(p), g.vec(n), ax1])  # [B, M, D]
+    affinity = g.op("Div", [g.op("MatMul", [u, g.op("Transpose", [u], perm=[0, 2, 1])]),
+                            g.const(temperature, np.float32)])
+    centrality = g.op("ReduceSum", [g.op("Softmax", [affinity], axis=-1), ax1], keepdims=0)  # column sums [B, M]
+    lo = g.op("ReduceMin", [centrality, ax1], keepdims=1)
+    spread = g.op("Max", [g.op("Sub", [g.op("ReduceMax", [centrality, ax1], keepdims=1), lo]),
+                          g.const(SALIENCE_EPS, np.float32)])
+    s = g.op("Div", [g.op("Sub", [centrality, lo]), spread])
+    return s if ones is None else g.op("Concat", [ones, s], axis=1)
+
+
+def _redundancy(g: _Builder, score: str, zero_col: str, num_a: int | str) -> str:
+    """rho_b [B] (merge.redundancy): each image's mean score over A, 0 when A is empty.
+
+    The zero column ([B, 1]) keeps the sum's input non-empty (ONNX Runtime's reductions return a
+    wrong shape for an empty tensor); the sum is divided by max(Na, 1).
+    """
+    total = g.op("ReduceSum", [g.op("Concat", [score, zero_col], axis=1), g.const([1])], keepdims=0)
+    count = g.arith("Max", max, num_a, 1)
+    count = g.const(count, np.float32) if isinstance(count, int) else g.op("Cast", [count], to=TensorProto.FLOAT)
+    return g.op("Div", [total, count])
+
+
+def _intensity_counts(g: _Builder, rho: str, a: contract.Attributes) -> str:
+    """r_b [B] int64 (merge.intensity_counts): floor(r_max * sigmoid(scale * (rho_b - mean) / std)),
+    in float32 as the eager rule computes it."""
+    f32 = functools.partial(g.const, dtype=np.float32)
+    z = g.op("Div", [g.op("Sub", [rho, f32(a.redundancy_mean)]), f32(a.redundancy_std)])
+    fraction = g.op("Mul", [g.op("Sigmoid", [g.op("Mul", [z, f32(a.redundancy_scale)])]), f32(a.r_max)])
+    return g.op("Cast", [g.op("Floor", [fraction])], to=TensorProto.INT64)
 
 
 def static_token_counts(graph: onnx.GraphProto) -> dict[str, int]:

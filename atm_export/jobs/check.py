@@ -15,6 +15,8 @@ rebuilds the eager model from what it recorded (model, settings, weights, sample
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -79,10 +81,8 @@ def load_artifact(path: Path, flavour: str) -> onnx.ModelProto:
 
 
 def config_from_report(params: dict) -> MergeConfig:
-    fields = {k: params[k] for k in ("policy", "alpha", "beta", "theta_min", "split_layer", "prop_attn") if k in params}
-    if "r" in params:
-        fields["r"] = tuple(params["r"])
-    return MergeConfig(**fields).validate()
+    """The MergeConfig that report.json's params record (MergeConfig.to_dict, read back)."""
+    return MergeConfig(**{f.name: params[f.name] for f in dataclasses.fields(MergeConfig) if f.name in params}).validate()
 
 
 def rebuild_model(report: Report, weights: str | None):

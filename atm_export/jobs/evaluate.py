@@ -72,6 +72,8 @@ def setting_name(settings: Settings) -> str:
         return "tome r=" + ",".join(str(r) for r in config.r)
     if config.policy == "none":
         return "none"
+    if config.policy == "adamerge" and settings.preset is None:
+        return "adamerge r_max=" + ",".join(str(r) for r in config.r_max)
     if settings.preset is None:
         return f"{config.policy} {config.alpha}/{config.beta}/{config.theta_min}"
     given = ", ".join(f"{k}={v}" for k, v in settings.overrides.items())
@@ -138,9 +140,16 @@ def results(base: A.Tally, tallies: dict[str, A.Tally], candidates: list[Candida
     return out + [result(c.name, tallies[c.name], c.params, c.backend, batch_size, base) for c in candidates]
 
 
-def eager_candidates(vit, settings: list[Settings]) -> list[Candidate]:
+def eager_candidates(vit, settings: list[Settings], console: Console | None = None) -> list[Candidate]:
+    """The settings run in eager PyTorch (AdaMerge without statistics calibrated on the built-in
+    sample images, with a warning)."""
+    from ..calibration import calibrated_settings
+    from .common import sample_batch
+
     candidates = []
     for s in settings:
+        if not s.config.calibrated:
+            s = calibrated_settings(s, vit, sample_batch(vit, None, 8)[0], "the built-in sample images", console)
         atm = patch_model(vit, s.config)
         candidates.append(Candidate(setting_name(s), A.eager(atm), run_params(s.config, atm)))
     names = [c.name for c in candidates]
@@ -204,7 +213,7 @@ def run_eval(opts: EvalOptions, console: Console | None = None) -> EvalReport:
                 settings = resolve_eval_settings(entry, opts.presets, opts.preset_file, opts.overrides)
                 vit, info = create_model(entry, opts.weights, opts.random_init)
                 weights = info.to_dict()
-                candidates = eager_candidates(vit, settings)
+                candidates = eager_candidates(vit, settings, console)
             else:
                 entry, vit, weights, candidates = exported_candidate(opts, stack)
             folder = open_folder(opts.data, vit.num_classes, "--data", opts.limit)

@@ -16,6 +16,7 @@ from ..artifacts import ArtifactWriter, open_output
 from ..backends import MERGED, STATIC, unavailable
 from ..console import Console
 from ..errors import ParityError, UserError
+from ..calibration import calibrated_settings
 from ..export.bundle import Bundle
 from ..images import take_batch
 from ..parity import Reference, reference_run
@@ -161,13 +162,14 @@ def load(opts: JobOptions, entry: ModelEntry, settings: Settings, console: Conso
     name = entry.display_name + (f" ({entry.timm_name})" if entry.timm_name != entry.display_name else "")
     with console.step(f"loading {name} and the sample images"):
         vit, weights = create_model(entry, opts.weights, opts.random_init)
+        if weights.random:
+            console.warn("random weights (--random-init): outputs do not reflect a trained model")
+        batch, images = sample_batch(vit, opts.images, opts.batch_size)
+        settings = calibrated_settings(settings, vit, batch, "the sample images", console)
         atm = patch_model(vit, settings.config)
         if opts.visualize:
             merge_map_blocks(atm, opts.visualize_blocks)  # wrong blocks fail now, not at the end
-        if weights.random:
-            console.warn("random weights (--random-init): outputs do not reflect a trained model")
         static = static_schedule(opts.static_schedule, atm) if opts.static_schedule != SAMPLE else None
-        batch, images = sample_batch(vit, opts.images, opts.batch_size)
     return Model(entry, settings, atm, weights, batch, images, static_tokens=static)
 
 

@@ -31,7 +31,8 @@ from .common import run_params
 from .evaluate import DEFAULT_BATCH_SIZE, Candidate, evaluate, results
 
 GATE_FILE = "accuracy_gate.json"
-COMPARED = ("policy", "alpha", "beta", "theta_min", "split_layer")
+COMPARED = ("policy", "alpha", "beta", "theta_min", "split_layer", "r_max", "intensity_scale", "salience_temperature",
+            "redundancy_mean", "redundancy_std")
 
 
 @dataclass

@@ -51,6 +51,8 @@ def _overview(report: Report) -> list[str]:
         f"**Status: {report.status}**", "",
         f"- timm model: `{m.timm_name}`",
         f"- preset: {preset}; overrides: {overrides}",
+        *([f"- policy: AdaMerge; calibration: {s.params.get('calibration_source')}"]
+          if s.params.get("policy") == "adamerge" else []),
         f"- weights: {report.weights['source']}" + (f" ({report.weights['path']})" if report.weights.get("path") else ""),
         f"- sample images: {report.images['source']} ({report.images['count']})",
         f"- created {report.created} by atm-export {report.atm_export_version} (report schema {report.schema_version})",

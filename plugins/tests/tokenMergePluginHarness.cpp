@@ -212,6 +212,29 @@ DynamicPluginTensorDesc dynDesc(std::vector<int64_t> const& shape, DataType type
     return d;
 }
 
+//! Kernel params (C = 384, D = 64) with AdaMerge's attributes at the contract's defaults.
+atm_token_merge_params atmParams(int64_t batch, int64_t n, int32_t splitMode, int32_t fixedR, float threshold,
+    int32_t dtype)
+{
+    atm_token_merge_params p{};
+    p.batch = batch;
+    p.num_tokens = n;
+    p.channels = 384;
+    p.metric_dim = 64;
+    p.num_protected = 1;
+    p.split_mode = splitMode;
+    p.fixed_r = fixedR;
+    p.threshold = threshold;
+    p.dtype = dtype;
+    p.weighting = ATM_TOKEN_MERGE_DEFAULT_WEIGHTING;
+    p.salience_temperature = ATM_TOKEN_MERGE_DEFAULT_SALIENCE_TEMPERATURE;
+    p.r_max = ATM_TOKEN_MERGE_DEFAULT_R_MAX;
+    p.redundancy_mean = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_MEAN;
+    p.redundancy_std = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_STD;
+    p.redundancy_scale = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_SCALE;
+    return p;
+}
+
 struct Fields
 {
     float threshold;
@@ -220,7 +243,31 @@ struct Fields
     int32_t numProtected;
     int32_t optNumTokens;
     int32_t maxNumTokens;
+    int32_t weighting = ATM_TOKEN_MERGE_DEFAULT_WEIGHTING;
+    float temperature = ATM_TOKEN_MERGE_DEFAULT_SALIENCE_TEMPERATURE;
+    int32_t rMax = ATM_TOKEN_MERGE_DEFAULT_R_MAX;
+    float mean = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_MEAN;
+    float stdDev = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_STD;
+    float scale = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_SCALE;
     std::vector<PluginField> list;
+
+    //! AdaMerge's six fields, as the ONNX parser passes them (weighting, r_max INT32; the rest FLOAT32).
+    Fields& adamerge(int32_t w, float tau, int32_t rm, float mu, float sigma, float slope)
+    {
+        weighting = w;
+        temperature = tau;
+        rMax = rm;
+        mean = mu;
+        stdDev = sigma;
+        scale = slope;
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_WEIGHTING, &weighting, PluginFieldType::kINT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE, &temperature, PluginFieldType::kFLOAT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_R_MAX, &rMax, PluginFieldType::kINT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN, &mean, PluginFieldType::kFLOAT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD, &stdDev, PluginFieldType::kFLOAT32, 1);
+        list.emplace_back(ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE, &scale, PluginFieldType::kFLOAT32, 1);
+        return *this;
+    }
 
     //! optNumTokens / maxNumTokens -1: the field is absent, as for a node without the attribute.
     Fields(float t, int32_t r, int32_t s, int32_t p, int32_t opt = -1, int32_t maxN = -1)
@@ -326,18 +373,23 @@ IPluginCreatorV3One* creatorFromEntryPoint()
     check(std::strcmp(creator->getPluginNamespace(), ATM_TOKEN_MERGE_PLUGIN_NAMESPACE) == 0,
         "creator namespace " ATM_TOKEN_MERGE_PLUGIN_NAMESPACE);
     PluginFieldCollection const* names = creator->getFieldNames();
-    bool namesOk = names != nullptr && names->nbFields == 6;
+    bool namesOk = names != nullptr && names->nbFields == 12;
     for (int32_t i = 0; namesOk && i < names->nbFields; ++i)
     {
         std::string const n = names->fields[i].name;
         PluginFieldType const t = names->fields[i].type;
-        namesOk = (n == ATM_TOKEN_MERGE_ATTR_THRESHOLD && t == PluginFieldType::kFLOAT32)
-            || ((n == ATM_TOKEN_MERGE_ATTR_FIXED_R || n == ATM_TOKEN_MERGE_ATTR_SPLIT_MODE
-                    || n == ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED || n == ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS
-                    || n == ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS)
-                && t == PluginFieldType::kINT32);
+        bool const real = n == ATM_TOKEN_MERGE_ATTR_THRESHOLD || n == ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE
+            || n == ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN || n == ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD
+            || n == ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE;
+        bool const integer = n == ATM_TOKEN_MERGE_ATTR_FIXED_R || n == ATM_TOKEN_MERGE_ATTR_SPLIT_MODE
+            || n == ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED || n == ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS
+            || n == ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS || n == ATM_TOKEN_MERGE_ATTR_WEIGHTING
+            || n == ATM_TOKEN_MERGE_ATTR_R_MAX;
+        namesOk = (real && t == PluginFieldType::kFLOAT32) || (integer && t == PluginFieldType::kINT32);
     }
-    check(namesOk, "getFieldNames: threshold FLOAT32, fixed_r/split_mode/num_protected/opt_num_tokens/max_num_tokens INT32");
+    check(namesOk,
+        "getFieldNames: threshold/salience_temperature/redundancy_mean/_std/_scale FLOAT32, "
+        "fixed_r/split_mode/num_protected/opt_num_tokens/max_num_tokens/weighting/r_max INT32");
     return creator;
 }
 
@@ -542,7 +594,7 @@ void checkUnknownMaxN(IPluginCreatorV3One* creator, Finder& finder, std::vector<
     std::vector<DynamicPluginTensorDesc> const& out)
 {
     auto workspaceFor = [](int64_t n) {
-        atm_token_merge_params params{64, n, 384, 64, 1, 1, -1, 0.5f, ATM_DTYPE_FLOAT16};
+        atm_token_merge_params params = atmParams(64, n, 1, -1, 0.5f, ATM_DTYPE_FLOAT16);
         return (atm_token_merge_workspace_size(&params) + 7) / 8 * 8 + sizeof(int64_t);
     };
     auto withMaxN = [&](int64_t maxN) {
@@ -605,7 +657,7 @@ void checkConfigure(IPluginCreatorV3One* creator, Finder& finder)
         dynDesc({-1, -1}, DataType::kFLOAT), dynDesc({}, DataType::kINT32)};
     check(build->configurePlugin(in.data(), 3, out.data(), 3) == 0, "configurePlugin accepts a dynamic batch");
 
-    atm_token_merge_params params{64, 197, 384, 64, 1, 1, -1, 0.5f, ATM_DTYPE_FLOAT16};
+    atm_token_merge_params params = atmParams(64, 197, 1, -1, 0.5f, ATM_DTYPE_FLOAT16);
     size_t const kernels = atm_token_merge_workspace_size(&params);
     size_t const expected = (kernels + 7) / 8 * 8 + sizeof(int64_t); // + the int64 count slot
     size_t const got = build->getWorkspaceSize(in.data(), 3, out.data(), 3);
@@ -656,6 +708,107 @@ void checkSerialization(IPluginCreatorV3One* creator)
     char const* meta = attached ? buildOf(attached.get())->getMetadataString() : nullptr;
     check(meta != nullptr && std::string(meta).find(ATM_TOKEN_MERGE_ATTR_FIXED_R "=12") != std::string::npos,
         std::string("metadata string: ") + (meta ? meta : "(null)"));
+}
+
+//! AdaMerge: its fields round-trip, are validated, the intensity rule declares a size tensor, and
+//! the salience weighting grows the workspace by exactly what the kernel library asks for.
+void checkAdaMerge(IPluginCreatorV3One* creator, Finder& finder)
+{
+    auto create = [&](Fields& f) {
+        PluginFieldCollection const fc = f.collection();
+        return std::unique_ptr<IPluginV3>(creator->createPlugin("ada_node", &fc, TensorRTPhase::kBUILD));
+    };
+    Fields ada(0.9f, -1, 1, 1);
+    ada.adamerge(ATM_TOKEN_MERGE_WEIGHTING_SALIENCE, 0.5f, 8, 0.25f, 0.125f, 2.0f);
+    std::unique_ptr<IPluginV3> plugin = create(ada);
+    check(plugin != nullptr, "createPlugin with AdaMerge's fields (salience weighting, intensity rule)");
+    if (!plugin)
+    {
+        return;
+    }
+    auto const* plug = static_cast<atm::plugin::TokenMergePlugin const*>(plugin.get());
+    atm_token_merge_attributes const& a = plug->attributes();
+    check(a.weighting == 1 && a.salience_temperature == 0.5f && a.r_max == 8 && a.redundancy_mean == 0.25f
+            && a.redundancy_std == 0.125f && a.redundancy_scale == 2.0f,
+        "AdaMerge's fields are read into their attributes");
+    PluginFieldCollection const* saved = runtimeOf(plugin.get())->getFieldsToSerialize();
+    std::unique_ptr<IPluginV3> restored(creator->createPlugin("ada_node", saved, TensorRTPhase::kRUNTIME));
+    bool sameAttrs = false;
+    if (restored)
+    {
+        atm_token_merge_attributes const& b
+            = static_cast<atm::plugin::TokenMergePlugin const*>(restored.get())->attributes();
+        sameAttrs = std::memcmp(&a, &b, sizeof(a)) == 0;
+    }
+    check(saved != nullptr && saved->nbFields == 12 && sameAttrs,
+        "AdaMerge's attributes survive getFieldsToSerialize -> createPlugin(kRUNTIME)");
+    char const* meta = buildOf(plugin.get())->getMetadataString();
+    check(meta != nullptr && std::string(meta).find(ATM_TOKEN_MERGE_ATTR_WEIGHTING "=1") != std::string::npos
+            && std::string(meta).find(ATM_TOKEN_MERGE_ATTR_R_MAX "=8") != std::string::npos,
+        std::string("metadata names the AdaMerge attributes: ") + (meta ? meta : "(null)"));
+
+    // The intensity rule is data-dependent: a size tensor, opt = N - floor(min(r_max, floor(M/2)) / 2).
+    BuilderImpl impl;
+    Builder builder(&impl);
+    DimsExprs in[3];
+    in[0].nbDims = 3;
+    in[0].d[0] = impl.input(64, false);
+    in[0].d[1] = impl.input(197, true);
+    in[0].d[2] = impl.input(384, true);
+    in[1].nbDims = 2;
+    in[1].d[0] = in[0].d[0];
+    in[1].d[1] = in[0].d[1];
+    in[2] = in[0];
+    in[2].d[2] = impl.input(64, true);
+    DimsExprs out[3];
+    int32_t const rc = buildOf(plugin.get())->getOutputShapes(in, 3, nullptr, 0, out, 3, builder);
+    check(rc == 0 && impl.decl.outputIndex == 2 && impl.decl.opt == 193 && impl.decl.upper == 197
+            && out[0].d[1]->isSizeTensor(),
+        "intensity rule: num_tokens is a size tensor, opt = 197 - floor(min(8, 98) / 2) = 193, upper = N (opt "
+            + std::to_string(impl.decl.opt) + ", upper " + std::to_string(impl.decl.upper) + ")");
+
+    std::vector<DynamicPluginTensorDesc> ins{dynDesc({64, 197, 384}, DataType::kHALF),
+        dynDesc({64, 197}, DataType::kFLOAT), dynDesc({64, 197, 64}, DataType::kHALF)};
+    std::vector<DynamicPluginTensorDesc> outs{dynDesc({64, -1, 384}, DataType::kHALF),
+        dynDesc({64, -1}, DataType::kFLOAT), dynDesc({}, DataType::kINT32)};
+    atm_token_merge_params params = atmParams(64, 197, 1, -1, 0.9f, ATM_DTYPE_FLOAT16);
+    size_t const atmBytes = atm_token_merge_workspace_size(&params);
+    params.weighting = 1;
+    params.salience_temperature = 0.5f;
+    params.r_max = 8;
+    params.redundancy_mean = 0.25f;
+    params.redundancy_std = 0.125f;
+    params.redundancy_scale = 2.0f;
+    size_t const adaBytes = atm_token_merge_workspace_size(&params);
+    size_t const got = buildOf(plugin.get())->getWorkspaceSize(ins.data(), 3, outs.data(), 3);
+    check(buildOf(plugin.get())->configurePlugin(ins.data(), 3, outs.data(), 3) == 0 && adaBytes > atmBytes
+            && got == (adaBytes + 7) / 8 * 8 + sizeof(int64_t),
+        "salience weighting: the workspace grows (" + std::to_string(atmBytes) + " -> " + std::to_string(got)
+            + " bytes) to the kernel library's size + the count slot");
+
+    struct Bad
+    {
+        int32_t weighting;
+        float temperature;
+        int32_t rMax;
+        float stdDev;
+        char const* reason;
+    };
+    Bad const bad[] = {
+        {2, 1.0f, -1, 1.0f, ATM_TOKEN_MERGE_ATTR_WEIGHTING " must be"},
+        {1, 0.0f, -1, 1.0f, ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE " must be > 0"},
+        {0, 1.0f, -2, 1.0f, ATM_TOKEN_MERGE_ATTR_R_MAX " must be >= -1"},
+        {0, 1.0f, 4, 0.0f, ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD " must be > 0"},
+    };
+    for (Bad const& b : bad)
+    {
+        Fields f(0.9f, -1, 0, 1);
+        f.adamerge(b.weighting, b.temperature, b.rMax, 0.0f, b.stdDev, 1.0f);
+        finder.logger.last.clear();
+        std::unique_ptr<IPluginV3> rejected = create(f);
+        check(rejected == nullptr && finder.logger.last.find(b.reason) != std::string::npos,
+            std::string("rejected with the reason \"") + b.reason + "\": \"" + finder.logger.last + "\"");
+    }
 }
 
 void checkEnqueueErrors(IPluginCreatorV3One* creator, Finder& finder)
@@ -722,6 +875,7 @@ int main()
     checkShapes(creator);
     checkConfigure(creator, finder);
     checkSerialization(creator);
+    checkAdaMerge(creator, finder);
     checkEnqueueErrors(creator, finder);
     setLoggerFinder(nullptr);
     std::printf("%d check(s) failed\n", gFailures);

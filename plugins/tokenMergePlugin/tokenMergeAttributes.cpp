@@ -22,6 +22,20 @@ constexpr char const* kSplitMode = ATM_TOKEN_MERGE_ATTR_SPLIT_MODE;
 constexpr char const* kNumProtected = ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED;
 constexpr char const* kOptNumTokens = ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS;
 constexpr char const* kMaxNumTokens = ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS;
+constexpr char const* kWeighting = ATM_TOKEN_MERGE_ATTR_WEIGHTING;
+constexpr char const* kSalienceTemperature = ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE;
+constexpr char const* kRMax = ATM_TOKEN_MERGE_ATTR_R_MAX;
+constexpr char const* kRedundancyMean = ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN;
+constexpr char const* kRedundancyStd = ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD;
+constexpr char const* kRedundancyScale = ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE;
+
+//! Every attribute, for the "unknown attribute" message.
+constexpr char const* kAttributeList = ATM_TOKEN_MERGE_ATTR_THRESHOLD ", " ATM_TOKEN_MERGE_ATTR_FIXED_R
+    ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED ", " ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS
+    ", " ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS ", " ATM_TOKEN_MERGE_ATTR_WEIGHTING
+    ", " ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE ", " ATM_TOKEN_MERGE_ATTR_R_MAX
+    ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD
+    ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE;
 
 bool isNamed(atm_plugin_field const& f, char const* name)
 {
@@ -58,8 +72,8 @@ int readInt32(atm_plugin_field const& f, int32_t* out)
     return ATM_STATUS_OK;
 }
 
-//! threshold: float32 from the ONNX parser; float64 and integers from hand-built networks.
-int readThreshold(atm_plugin_field const& f, float* out)
+//! A float attribute: float32 from the ONNX parser; float64 and integers from hand-built networks.
+int readFloat(atm_plugin_field const& f, float* out)
 {
     if (f.type == ATM_FIELD_FLOAT32)
     {
@@ -78,7 +92,45 @@ int readThreshold(atm_plugin_field const& f, float* out)
         return ATM_STATUS_OK;
     }
     return fail(ATM_STATUS_INVALID_ARGUMENT,
-        "attribute " ATM_TOKEN_MERGE_ATTR_THRESHOLD " must be a float, got field type " + std::to_string(f.type));
+        std::string("attribute ") + f.name + " must be a float, got field type " + std::to_string(f.type));
+}
+
+//! Where a field's value goes: an int32 or a float member of the attributes; both null if unknown.
+struct Slot
+{
+    int32_t* integer;
+    float* real;
+};
+
+Slot slotOf(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
+{
+    struct Named
+    {
+        char const* name;
+        Slot slot;
+    };
+    Named const table[] = {
+        {kThreshold, {nullptr, &attrs->threshold}},
+        {kFixedR, {&attrs->fixed_r, nullptr}},
+        {kSplitMode, {&attrs->split_mode, nullptr}},
+        {kNumProtected, {&attrs->num_protected, nullptr}},
+        {kOptNumTokens, {&attrs->opt_num_tokens, nullptr}},
+        {kMaxNumTokens, {&attrs->max_num_tokens, nullptr}},
+        {kWeighting, {&attrs->weighting, nullptr}},
+        {kSalienceTemperature, {nullptr, &attrs->salience_temperature}},
+        {kRMax, {&attrs->r_max, nullptr}},
+        {kRedundancyMean, {nullptr, &attrs->redundancy_mean}},
+        {kRedundancyStd, {nullptr, &attrs->redundancy_std}},
+        {kRedundancyScale, {nullptr, &attrs->redundancy_scale}},
+    };
+    for (Named const& entry : table)
+    {
+        if (isNamed(f, entry.name))
+        {
+            return entry.slot;
+        }
+    }
+    return Slot{nullptr, nullptr};
 }
 
 int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
@@ -91,40 +143,17 @@ int applyField(atm_plugin_field const& f, atm_token_merge_attributes* attrs)
     {
         return ATM_STATUS_OK; // lookup keys of the ONNX parser, not math
     }
-    bool const known = isNamed(f, kThreshold) || isNamed(f, kFixedR) || isNamed(f, kSplitMode)
-        || isNamed(f, kNumProtected) || isNamed(f, kOptNumTokens) || isNamed(f, kMaxNumTokens);
-    if (!known)
+    Slot const slot = slotOf(f, attrs);
+    if (slot.integer == nullptr && slot.real == nullptr)
     {
-        return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("unknown attribute ") + f.name
-                + " (expected " ATM_TOKEN_MERGE_ATTR_THRESHOLD ", " ATM_TOKEN_MERGE_ATTR_FIXED_R
-                  ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED
-                  ", " ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS ", " ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS ")");
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            std::string("unknown attribute ") + f.name + " (expected " + kAttributeList + ")");
     }
     if (f.data == nullptr || f.length < 1)
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, std::string("attribute ") + f.name + " has no value");
     }
-    if (isNamed(f, kThreshold))
-    {
-        return readThreshold(f, &attrs->threshold);
-    }
-    if (isNamed(f, kFixedR))
-    {
-        return readInt32(f, &attrs->fixed_r);
-    }
-    if (isNamed(f, kSplitMode))
-    {
-        return readInt32(f, &attrs->split_mode);
-    }
-    if (isNamed(f, kOptNumTokens))
-    {
-        return readInt32(f, &attrs->opt_num_tokens);
-    }
-    if (isNamed(f, kMaxNumTokens))
-    {
-        return readInt32(f, &attrs->max_num_tokens);
-    }
-    return readInt32(f, &attrs->num_protected);
+    return slot.real != nullptr ? readFloat(f, slot.real) : readInt32(f, slot.integer);
 }
 
 bool known(int64_t d)
@@ -188,6 +217,12 @@ extern "C" void atm_token_merge_default_attributes(atm_token_merge_attributes* o
     out->num_protected = ATM_TOKEN_MERGE_DEFAULT_NUM_PROTECTED;
     out->opt_num_tokens = ATM_TOKEN_MERGE_DEFAULT_OPT_NUM_TOKENS;
     out->max_num_tokens = ATM_TOKEN_MERGE_DEFAULT_MAX_NUM_TOKENS;
+    out->weighting = ATM_TOKEN_MERGE_DEFAULT_WEIGHTING;
+    out->salience_temperature = ATM_TOKEN_MERGE_DEFAULT_SALIENCE_TEMPERATURE;
+    out->r_max = ATM_TOKEN_MERGE_DEFAULT_R_MAX;
+    out->redundancy_mean = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_MEAN;
+    out->redundancy_std = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_STD;
+    out->redundancy_scale = ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_SCALE;
 }
 
 extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes const* attrs)
@@ -217,7 +252,33 @@ extern "C" int atm_token_merge_validate_attributes(atm_token_merge_attributes co
         return fail(ATM_STATUS_INVALID_ARGUMENT,
             "max_num_tokens must be >= 1, or -1 for unknown, got " + std::to_string(attrs->max_num_tokens));
     }
-    if (attrs->fixed_r < 0 && std::isnan(attrs->threshold))
+    if (attrs->weighting != ATM_WEIGHTING_SIZE && attrs->weighting != ATM_WEIGHTING_SALIENCE)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "weighting must be " + std::to_string(ATM_WEIGHTING_SIZE) + " (size) or "
+                + std::to_string(ATM_WEIGHTING_SALIENCE) + " (salience), got " + std::to_string(attrs->weighting));
+    }
+    if (attrs->weighting == ATM_WEIGHTING_SALIENCE
+        && !(std::isfinite(attrs->salience_temperature) && attrs->salience_temperature > 0))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "salience_temperature must be > 0, got " + std::to_string(attrs->salience_temperature));
+    }
+    if (attrs->r_max < -1)
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "r_max must be >= -1, got " + std::to_string(attrs->r_max));
+    }
+    bool const intensity = attrs->fixed_r < 0 && attrs->r_max >= 0;
+    if (intensity && !(std::isfinite(attrs->redundancy_std) && attrs->redundancy_std > 0))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT,
+            "redundancy_std must be > 0, got " + std::to_string(attrs->redundancy_std));
+    }
+    if (intensity && !(std::isfinite(attrs->redundancy_mean) && std::isfinite(attrs->redundancy_scale)))
+    {
+        return fail(ATM_STATUS_INVALID_ARGUMENT, "redundancy_mean and redundancy_scale must be finite");
+    }
+    if (attrs->fixed_r < 0 && !intensity && std::isnan(attrs->threshold))
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, "threshold is NaN (and fixed_r < 0 asks for the threshold)");
     }
@@ -311,6 +372,12 @@ extern "C" int atm_token_merge_make_params(int64_t const* x_dims, int64_t const*
     p.fixed_r = attrs->fixed_r;
     p.threshold = attrs->threshold;
     p.dtype = dtype;
+    p.weighting = attrs->weighting;
+    p.salience_temperature = attrs->salience_temperature;
+    p.r_max = attrs->r_max;
+    p.redundancy_mean = attrs->redundancy_mean;
+    p.redundancy_std = attrs->redundancy_std;
+    p.redundancy_scale = attrs->redundancy_scale;
     int const status = atm_token_merge_check(&p);
     if (status == ATM_STATUS_OK)
     {

@@ -30,16 +30,24 @@ enum atm_field_type
     ATM_FIELD_INT64 = 10
 };
 
-/* The attributes of docs/token-merge-op.md: the four that change the math, and two token counts
- * for TensorRT (no effect on the math). Names and defaults: tokenMergeContract.h. */
+/* The attributes of docs/token-merge-op.md, in contract.Attributes' order: those of ATM's math,
+ * two token counts for TensorRT (no effect on the math), and AdaMerge's six. Names and defaults:
+ * tokenMergeContract.h. How many pairs merge: fixed_r if >= 0, else the intensity rule if
+ * r_max >= 0, else the threshold. */
 typedef struct atm_token_merge_attributes
 {
-    float threshold;        /* merge the pairs more similar than this (when fixed_r < 0) */
-    int32_t fixed_r;        /* >= 0: merge this many pairs; < 0: use the threshold */
+    float threshold;        /* merge the pairs scoring above this (the threshold rule) */
+    int32_t fixed_r;        /* >= 0: merge this many pairs; < 0: the intensity or threshold rule */
     int32_t split_mode;     /* atm_token_merge_split_mode */
     int32_t num_protected;  /* leading tokens that are never merged */
     int32_t opt_num_tokens; /* the size tensor's auto-tuning value (-1: unknown) */
     int32_t max_num_tokens; /* the model's input token count, a bound on N (-1: unknown) */
+    int32_t weighting;      /* atm_token_merge_weighting: 0 size (ATM), 1 salience (AdaMerge) */
+    float salience_temperature; /* tau of the salience softmax (weighting = 1; > 0) */
+    int32_t r_max;          /* >= 0 (and fixed_r < 0): AdaMerge's intensity rule; -1: off */
+    float redundancy_mean;  /* the intensity rule: r_b = floor(r_max * sigmoid(redundancy_scale */
+    float redundancy_std;   /*   * (rho_b - redundancy_mean) / redundancy_std)), std > 0 */
+    float redundancy_scale;
 } atm_token_merge_attributes;
 
 /* One named value, as TensorRT's PluginField: `length` elements of `type` at `data`. */
@@ -53,16 +61,19 @@ typedef struct atm_plugin_field
 
 ATM_TOKEN_MERGE_API void atm_token_merge_default_attributes(atm_token_merge_attributes* out);
 
-/* Start from the defaults and apply `fields`. Accepted: threshold (float32/float64 or an integer
- * type), fixed_r, split_mode, num_protected, opt_num_tokens, max_num_tokens (any integer type, in
- * int32 range); plugin_version and plugin_namespace are accepted and ignored (the ONNX parser's
+/* Start from the defaults and apply `fields`. Accepted: threshold, salience_temperature,
+ * redundancy_mean, redundancy_std, redundancy_scale (float32/float64 or an integer type); fixed_r,
+ * split_mode, num_protected, opt_num_tokens, max_num_tokens, weighting, r_max (any integer type,
+ * in int32 range); plugin_version and plugin_namespace are accepted and ignored (the ONNX parser's
  * lookup keys). Any other name, a wrong type, an empty field or an invalid value is an error
  * (message: atm_token_merge_last_error). */
 ATM_TOKEN_MERGE_API int atm_token_merge_parse_attributes(
     const atm_plugin_field* fields, int32_t count, atm_token_merge_attributes* out);
 
-/* split_mode in {0, 1}, num_protected >= 0, opt_num_tokens and max_num_tokens >= -1, threshold not
- * NaN when fixed_r < 0. */
+/* contract.Attributes' rules: split_mode in {0, 1}, num_protected >= 0, opt_num_tokens and
+ * max_num_tokens >= -1, weighting in {0, 1}, salience_temperature finite and > 0 when weighting = 1,
+ * r_max >= -1; under the intensity rule (fixed_r < 0, r_max >= 0) redundancy_std finite and > 0
+ * and redundancy_mean / redundancy_scale finite; under the threshold rule threshold not NaN. */
 ATM_TOKEN_MERGE_API int atm_token_merge_validate_attributes(const atm_token_merge_attributes* attrs);
 
 /* Check the input shapes x [B, N, C], size [B, N], metric [B, N, D]; -1 marks a dimension not
@@ -81,10 +92,12 @@ ATM_TOKEN_MERGE_API int atm_token_merge_make_params(const int64_t* x_dims, const
  * (atm::tokenBounds below, the same formula over TensorRT expressions):
  * - fixed_r >= 0: K is known from N, opt = upper = N - min(fixed_r, floor(M/2)) (the plugin
  *   declares a plain dimension, no size tensor);
- * - fixed_r < 0 (a size tensor): opt = opt_num_tokens when set (> 0), else N - floor(floor(M/2) / 2)
- *   when N is a build-time constant (`num_tokens_constant` != 0), else P + 1 (opt must not depend
- *   on a size tensor, and after the first merge N is one); upper = max_num_tokens when N is not
- *   constant and the node carries it, else N. */
+ * - fixed_r < 0 (threshold or intensity rule: a size tensor): opt = opt_num_tokens when set (> 0),
+ *   else, when N is a build-time constant (`num_tokens_constant` != 0), N - floor(cap / 2) with
+ *   cap = floor(M/2) (the threshold rule) or min(r_max, floor(M/2)) (the intensity rule, which
+ *   never merges more than r_max), else P + 1 (opt must not depend on a size tensor, and after
+ *   the first merge N is one); upper = max_num_tokens when N is not constant and the node carries
+ *   it, else N. */
 ATM_TOKEN_MERGE_API int atm_token_merge_token_bounds(int64_t num_tokens, int32_t num_tokens_constant,
     const atm_token_merge_attributes* attrs, int64_t* opt, int64_t* upper);
 
@@ -129,7 +142,11 @@ TokenBounds<typename Alg::Expr> tokenBounds(
         auto const k = fixedOutputTokens(alg, n, attrs);
         return TokenBounds<typename Alg::Expr>{k, k};
     }
-    auto const cap = alg.floorDiv(alg.sub(n, alg.constant(attrs.num_protected)), alg.constant(2));
+    auto cap = alg.floorDiv(alg.sub(n, alg.constant(attrs.num_protected)), alg.constant(2));
+    if (attrs.r_max >= 0)
+    {
+        cap = alg.min(alg.constant(attrs.r_max), cap); // the intensity rule: r_b <= r_max
+    }
     // opt must not depend on a size tensor: the exporter's recorded count, else N - the expected
     // r (half the cap) for a constant N, else a constant that is always in range (P + 1).
     auto const opt = attrs.opt_num_tokens > 0

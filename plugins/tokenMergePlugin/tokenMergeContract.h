@@ -1,6 +1,6 @@
 /*
  * The TokenMerge op contract (docs/token-merge-op.md) for the C and C++ side: the op's identity,
- * its attribute names and defaults, and the split-mode codes.
+ * its attribute names and defaults, and the split-mode and weighting codes.
  *
  * It mirrors atm_export/contract.py, the contract's one Python statement; tests/test_contract.py
  * keeps the two equal (it reads the #defines below as text, so keep one plain value per line).
@@ -24,6 +24,12 @@
 #define ATM_TOKEN_MERGE_SPLIT_ALTERNATE 0
 #define ATM_TOKEN_MERGE_SPLIT_SIZE 1
 
+/* weighting values (contract.WEIGHTING_CODES, by the weighting names of atm_export.merge):
+ * size: ATM / ToMe (scores are cosines, averages weighted by size); salience: AdaMerge (scores
+ * and averaging weights also use each token's salience). */
+#define ATM_TOKEN_MERGE_WEIGHTING_SIZE 0
+#define ATM_TOKEN_MERGE_WEIGHTING_SALIENCE 1
+
 /* Attribute names, which are also the plugin's field names (the keys of contract.DEFAULTS).
  * The last two are the ONNX parser's lookup keys (contract.LOOKUP_KEYS): accepted, not math. */
 #define ATM_TOKEN_MERGE_ATTR_THRESHOLD "threshold"
@@ -32,6 +38,12 @@
 #define ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED "num_protected"
 #define ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS "opt_num_tokens"
 #define ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS "max_num_tokens"
+#define ATM_TOKEN_MERGE_ATTR_WEIGHTING "weighting"
+#define ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE "salience_temperature"
+#define ATM_TOKEN_MERGE_ATTR_R_MAX "r_max"
+#define ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN "redundancy_mean"
+#define ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD "redundancy_std"
+#define ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE "redundancy_scale"
 #define ATM_TOKEN_MERGE_ATTR_PLUGIN_VERSION "plugin_version"
 #define ATM_TOKEN_MERGE_ATTR_PLUGIN_NAMESPACE "plugin_namespace"
 
@@ -43,6 +55,12 @@
 #define ATM_TOKEN_MERGE_DEFAULT_NUM_PROTECTED 1
 #define ATM_TOKEN_MERGE_DEFAULT_OPT_NUM_TOKENS (-1) /* unknown */
 #define ATM_TOKEN_MERGE_DEFAULT_MAX_NUM_TOKENS (-1) /* unknown */
+#define ATM_TOKEN_MERGE_DEFAULT_WEIGHTING ATM_TOKEN_MERGE_WEIGHTING_SIZE
+#define ATM_TOKEN_MERGE_DEFAULT_SALIENCE_TEMPERATURE 1.0f
+#define ATM_TOKEN_MERGE_DEFAULT_R_MAX (-1) /* < 0: no intensity rule (fixed_r or the threshold) */
+#define ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_MEAN 0.0f
+#define ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_STD 1.0f
+#define ATM_TOKEN_MERGE_DEFAULT_REDUNDANCY_SCALE 1.0f
 #define ATM_TOKEN_MERGE_DEFAULT_PLUGIN_VERSION ATM_TOKEN_MERGE_PLUGIN_VERSION
 #define ATM_TOKEN_MERGE_DEFAULT_PLUGIN_NAMESPACE ATM_TOKEN_MERGE_PLUGIN_NAMESPACE
 

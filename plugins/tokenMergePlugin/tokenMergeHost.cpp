@@ -58,7 +58,28 @@ std::string checkParams(atm_token_merge_params const& p)
     {
         msg << "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " << p.dtype;
     }
-    else if (p.fixed_r < 0 && std::isnan(p.threshold))
+    else if (p.weighting != ATM_WEIGHTING_SIZE && p.weighting != ATM_WEIGHTING_SALIENCE)
+    {
+        msg << "weighting must be 0 (size) or 1 (salience), got " << p.weighting;
+    }
+    else if (p.weighting == ATM_WEIGHTING_SALIENCE && !(std::isfinite(p.salience_temperature) && p.salience_temperature > 0))
+    {
+        msg << "salience_temperature must be > 0, got " << p.salience_temperature;
+    }
+    else if (p.r_max < -1)
+    {
+        msg << "r_max must be >= -1, got " << p.r_max;
+    }
+    else if (p.fixed_r < 0 && p.r_max >= 0 && !(std::isfinite(p.redundancy_std) && p.redundancy_std > 0))
+    {
+        msg << "redundancy_std must be > 0, got " << p.redundancy_std;
+    }
+    else if (p.fixed_r < 0 && p.r_max >= 0 && !(std::isfinite(p.redundancy_mean) && std::isfinite(p.redundancy_scale)))
+    {
+        msg << "redundancy_mean and redundancy_scale must be finite, got " << p.redundancy_mean << " and "
+            << p.redundancy_scale;
+    }
+    else if (p.fixed_r < 0 && p.r_max < 0 && std::isnan(p.threshold))
     {
         msg << "threshold is NaN (and fixed_r < 0 asks for the threshold)";
     }
@@ -99,15 +120,22 @@ int describe(atm_token_merge_params const* params, Problem* problem)
     p.firstA = split.firstA;
     p.firstB = split.firstB;
     p.tilesA = (p.na + steps::kTile - 1) / steps::kTile;
-    p.fixedR = params->fixed_r;
+    p.rule.fixedR = params->fixed_r;
+    p.rule.rMax = params->r_max;
+    p.rule.mean = params->redundancy_mean;
+    p.rule.stdDev = params->redundancy_std;
+    p.rule.scale = params->redundancy_scale;
     p.threshold = params->threshold;
     p.dtype = params->dtype;
+    p.salience = params->weighting == ATM_WEIGHTING_SALIENCE;
+    p.temperature = params->salience_temperature;
     return ATM_STATUS_OK;
 }
 
 WorkspaceLayout layoutFor(Problem const& p)
 {
     auto const ints = [](int64_t count) { return alignUp(static_cast<size_t>(count) * sizeof(int32_t)); };
+    auto const floats = [](int64_t count) { return alignUp(static_cast<size_t>(count) * sizeof(float)); };
     WorkspaceLayout l{};
     size_t at = 0;
     l.order = at;
@@ -124,6 +152,19 @@ WorkspaceLayout layoutFor(Problem const& p)
     at += ints(p.batch * (p.nb + 1));
     l.srcList = at;
     at += ints(p.batch * p.na);
+    // AdaMerge: the salience passes' arrays and the merged weights (weighting = salience), the
+    // tiles' score sums (intensity rule). Nothing for ATM's steps.
+    int64_t const salienceTokens = p.salience ? p.batch * p.unprotected : 0;
+    l.rowMax = at;
+    at += floats(salienceTokens);
+    l.rowSum = at;
+    at += floats(salienceTokens);
+    l.salience = at;
+    at += floats(salienceTokens);
+    l.mergedWeight = at;
+    at += floats(p.salience ? p.batch * p.nb : 0);
+    l.tileScore = at;
+    at += floats(p.intensity() ? p.batch * p.tilesA : 0);
     l.total = at;
     return l;
 }
@@ -164,6 +205,36 @@ void runOnHost(Problem const& p, Scratch const& s, void const* x, float const* s
             {
                 steps::splitBlock(ex, sizes.data(), args, b, bx);
             }
+        }
+    }
+    if (p.salience)
+    {
+        // The three salience launches, one after the other (each reads the previous one's output).
+        steps::SalienceArgs const args = salienceArgs(p, s, metric);
+        std::vector<steps::SalienceThread> states(steps::kBlockThreads);
+        HostExec<steps::SalienceThread> ex{states.data()};
+        std::vector<steps::SalienceShared> shared(1);
+        int32_t const tiles = salienceTiles(p);
+        for (int64_t b = 0; b < p.batch; ++b)
+        {
+            for (int32_t tile = 0; tile < tiles; ++tile)
+            {
+                steps::salienceBlock<T, steps::SaliencePass::kRows>(ex, shared[0], args, b, tile);
+            }
+        }
+        for (int64_t b = 0; b < p.batch; ++b)
+        {
+            for (int32_t tile = 0; tile < tiles; ++tile)
+            {
+                steps::salienceBlock<T, steps::SaliencePass::kColumns>(ex, shared[0], args, b, tile);
+            }
+        }
+        std::vector<steps::NoState> none(steps::kBlockThreads);
+        HostExec<steps::NoState> plain{none.data()};
+        std::vector<steps::NormalizeShared> normalize(1);
+        for (int64_t b = 0; b < p.batch; ++b)
+        {
+            steps::salienceNormalizeBlock(plain, normalize[0], args, b);
         }
     }
     {
@@ -256,7 +327,7 @@ extern "C" int atm_token_merge_host(atm_token_merge_params const* params, void c
     {
         atm::detail::WorkspaceLayout const layout = atm::detail::layoutFor(p);
         std::vector<std::max_align_t> workspace(layout.total / sizeof(std::max_align_t) + 1);
-        atm::detail::Scratch const s = atm::detail::carve(workspace.data(), layout, p.splitMode == ATM_SPLIT_SIZE);
+        atm::detail::Scratch const s = atm::detail::carve(workspace.data(), layout, p);
         switch (p.dtype)
         {
         case ATM_DTYPE_FLOAT32:

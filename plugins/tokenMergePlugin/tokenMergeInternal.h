@@ -7,6 +7,7 @@
 #define ATM_TOKEN_MERGE_INTERNAL_H
 
 #include "tokenMergeKernel.h"
+#include "tokenMergeSalience.h"
 #include "tokenMergeSteps.h"
 
 #include <cstddef>
@@ -33,9 +34,16 @@ struct Problem
     int32_t firstB;
     int32_t tilesA; //!< 0 when A is empty: match_kernel is not launched
     int32_t splitMode;
-    int32_t fixedR;
+    steps::CountRule rule; //!< fixed_r, r_max and the intensity rule's statistics
     float threshold;
     int32_t dtype;
+    bool salience;         //!< weighting = salience (AdaMerge)
+    float temperature;
+
+    bool intensity() const
+    {
+        return rule.intensity();
+    }
 };
 
 //! Record `message` as this thread's last error and return `status`.
@@ -54,6 +62,11 @@ struct WorkspaceLayout
     size_t plan;      //!< int32 [B, N]
     size_t srcOffset; //!< int32 [B, Nb + 1]
     size_t srcList;   //!< int32 [B, Na]
+    size_t rowMax;       //!< float [B, M] (salience only): softmax row statistics
+    size_t rowSum;       //!< float [B, M] (salience only)
+    size_t salience;     //!< float [B, M] (salience only): column sums, then the salience
+    size_t mergedWeight; //!< float [B, Nb] (salience only): B rows' total merge weights
+    size_t tileScore;    //!< float [B, tilesA] (intensity rule only): score sums per A tile
     size_t total;
 };
 
@@ -68,19 +81,30 @@ struct Scratch
     int32_t* plan;
     int32_t* srcOffset;
     int32_t* srcList;
+    float* rowMax; //!< the salience arrays: nullptr for weighting = size
+    float* rowSum;
+    float* salience;
+    float* mergedWeight;
+    float* tileScore; //!< nullptr unless the intensity rule counts
 };
 
-inline Scratch carve(void* workspace, WorkspaceLayout const& layout, bool sizeSplit)
+inline Scratch carve(void* workspace, WorkspaceLayout const& layout, Problem const& p)
 {
     auto* base = static_cast<unsigned char*>(workspace);
+    auto const floats = [&](size_t offset, bool used) { return used ? reinterpret_cast<float*>(base + offset) : nullptr; };
     Scratch s;
-    s.order = sizeSplit ? reinterpret_cast<int32_t*>(base + layout.order) : nullptr;
+    s.order = p.splitMode == ATM_SPLIT_SIZE ? reinterpret_cast<int32_t*>(base + layout.order) : nullptr;
     s.score = reinterpret_cast<float*>(base + layout.score);
     s.dst = reinterpret_cast<int32_t*>(base + layout.dst);
     s.tileCount = reinterpret_cast<int32_t*>(base + layout.tileCount);
     s.plan = reinterpret_cast<int32_t*>(base + layout.plan);
     s.srcOffset = reinterpret_cast<int32_t*>(base + layout.srcOffset);
     s.srcList = reinterpret_cast<int32_t*>(base + layout.srcList);
+    s.rowMax = floats(layout.rowMax, p.salience);
+    s.rowSum = floats(layout.rowSum, p.salience);
+    s.salience = floats(layout.salience, p.salience);
+    s.mergedWeight = floats(layout.mergedWeight, p.salience);
+    s.tileScore = floats(layout.tileScore, p.intensity());
     return s;
 }
 
@@ -108,6 +132,27 @@ inline steps::SplitArgs splitArgs(Problem const& p, Scratch const& s, float cons
     return a;
 }
 
+inline steps::SalienceArgs salienceArgs(Problem const& p, Scratch const& s, void const* metric)
+{
+    steps::SalienceArgs a;
+    a.metric = metric;
+    a.numTokens = p.numTokens;
+    a.dim = p.dim;
+    a.numProtected = p.numProtected;
+    a.unprotected = p.unprotected;
+    a.temperature = p.temperature;
+    a.rowMax = s.rowMax;
+    a.rowSum = s.rowSum;
+    a.salience = s.salience;
+    return a;
+}
+
+//! Blocks per image of the salience passes (32 tokens each; M >= 1, so never 0).
+inline int32_t salienceTiles(Problem const& p)
+{
+    return (p.unprotected + steps::kTile - 1) / steps::kTile;
+}
+
 inline steps::MatchArgs matchArgs(Problem const& p, Scratch const& s, void const* metric)
 {
     steps::MatchArgs a;
@@ -116,9 +161,11 @@ inline steps::MatchArgs matchArgs(Problem const& p, Scratch const& s, void const
     a.numTokens = p.numTokens;
     a.dim = p.dim;
     a.threshold = p.threshold;
+    a.salience = s.salience;
     a.score = s.score;
     a.dst = s.dst;
     a.tileCount = s.tileCount;
+    a.tileScore = s.tileScore;
     a.tilesA = p.tilesA;
     return a;
 }
@@ -130,15 +177,18 @@ inline steps::PlanArgs planArgs(
     a.score = s.score;
     a.dst = s.dst;
     a.tileCount = s.tileCount;
+    a.tileScore = s.tileScore;
     a.tilesA = p.tilesA;
     a.batch = p.batch;
-    a.fixedR = p.fixedR;
+    a.rule = p.rule;
     a.size = size;
+    a.salience = s.salience;
     a.split = splitView(p, s);
     a.numTokens = p.numTokens;
     a.plan = s.plan;
     a.srcOffset = s.srcOffset;
     a.srcList = s.srcList;
+    a.mergedWeight = s.mergedWeight;
     a.sizeOut = sizeOut;
     a.numTokensOut = numTokensOut;
     return a;
@@ -152,6 +202,8 @@ inline steps::MergeArgs mergeArgs(Problem const& p, Scratch const& s, void const
     a.size = size;
     a.xOut = xOut;
     a.sizeOut = sizeOut;
+    a.salience = s.salience;
+    a.mergedWeight = s.mergedWeight;
     a.plan = s.plan;
     a.srcOffset = s.srcOffset;
     a.srcList = s.srcList;

@@ -1,13 +1,18 @@
 /*
  * CUDA half of the kernel library: the kernels are thin wrappers that run the block programs of
- * tokenMergeSteps.h with a device executor, and atm_token_merge_enqueue launches them.
+ * tokenMergeSteps.h and tokenMergeSalience.h with a device executor, and atm_token_merge_enqueue
+ * launches them.
  *
  * Launches per merge step (all on the caller's stream, no host synchronisation):
- *   [split_kernel]  only for split_mode = size        grid (ceil(M/256), B)
- *   match_kernel    similarity + best partner + count grid (ceil(Na/32), B), none when Na = 0
- *   plan_kernel     r, ranking, row plan, size_out, K grid (B)
- *   merge_kernel    gather / weighted average, x_out  grid (ceil(N/8), B)
- * Work: O(B Na Nb D) for the similarity, O(B Na^2) for the ranking, O(B N C) for the merge.
+ *   [split_kernel]      only for split_mode = size          grid (ceil(M/256), B)
+ *   [salience_kernel]   only for weighting = salience: rows grid (ceil(M/32), B)
+ *   [salience_kernel]   ... columns                         grid (ceil(M/32), B)
+ *   [normalize_kernel]  ... min-max normalisation           grid (B)
+ *   match_kernel        similarity + best partner + count   grid (ceil(Na/32), B), none when Na = 0
+ *   plan_kernel         r, ranking, row plan, size_out, K   grid (B)
+ *   merge_kernel        gather / weighted average, x_out    grid (ceil(N/8), B)
+ * Work: O(B Na Nb D) for the similarity, O(B M^2 D) for the salience (two passes), O(B Na^2) for
+ * the ranking, O(B N C) for the merge.
  */
 #include "tokenMergeInternal.h"
 
@@ -37,6 +42,21 @@ __global__ void __launch_bounds__(steps::kBlockThreads) splitKernel(steps::Split
     extern __shared__ float sizes[];
     DeviceExec<steps::NoState> ex;
     steps::splitBlock(ex, sizes, args, blockIdx.y, blockIdx.x);
+}
+
+template <typename T, steps::SaliencePass kPass>
+__global__ void __launch_bounds__(steps::kBlockThreads) salienceKernel(steps::SalienceArgs args)
+{
+    __shared__ steps::SalienceShared sh;
+    DeviceExec<steps::SalienceThread> ex;
+    steps::salienceBlock<T, kPass>(ex, sh, args, blockIdx.y, blockIdx.x);
+}
+
+__global__ void __launch_bounds__(steps::kBlockThreads) normalizeKernel(steps::SalienceArgs args)
+{
+    __shared__ steps::NormalizeShared sh;
+    DeviceExec<steps::NoState> ex;
+    steps::salienceNormalizeBlock(ex, sh, args, blockIdx.x);
 }
 
 template <typename T>
@@ -72,6 +92,14 @@ void launchAll(detail::Problem const& p, detail::Scratch const& s, void const* x
     {
         dim3 const grid((p.unprotected + steps::kBlockThreads - 1) / steps::kBlockThreads, batch);
         splitKernel<<<grid, block, p.unprotected * sizeof(float), stream>>>(detail::splitArgs(p, s, size));
+    }
+    if (p.salience)
+    {
+        steps::SalienceArgs const args = detail::salienceArgs(p, s, metric);
+        dim3 const grid(static_cast<unsigned>(detail::salienceTiles(p)), batch);
+        salienceKernel<T, steps::SaliencePass::kRows><<<grid, block, 0, stream>>>(args);
+        salienceKernel<T, steps::SaliencePass::kColumns><<<grid, block, 0, stream>>>(args);
+        normalizeKernel<<<dim3(batch), block, 0, stream>>>(args);
     }
     // Na = 0 (P odd, N - P = 1): a grid dimension of 0 is a launch error, and there is nothing to
     // match; plan_kernel still writes r = 0 (no tile counts to sum) and the reordered output.
@@ -123,7 +151,7 @@ extern "C" int atm_token_merge_enqueue(atm_token_merge_params const* params, voi
     {
         return fail(ATM_STATUS_INVALID_ARGUMENT, "workspace must be 8-byte aligned");
     }
-    atm::detail::Scratch const s = atm::detail::carve(workspace, layout, p.splitMode == ATM_SPLIT_SIZE);
+    atm::detail::Scratch const s = atm::detail::carve(workspace, layout, p);
     switch (p.dtype)
     {
     case ATM_DTYPE_FLOAT32:

@@ -1,5 +1,5 @@
 /*
- * TokenMerge kernels: one ATM merge step (docs/token-merge-op.md) as a small C interface.
+ * TokenMerge kernels: one ATM / AdaMerge merge step (docs/token-merge-op.md) as a small C interface.
  *
  * The library knows nothing about TensorRT; the TensorRT plugin (tokenMergePlugin.cpp), the
  * Python binding (atm_export/cuda_kernels.py) and the tests all call these functions.
@@ -48,6 +48,13 @@ enum atm_token_merge_split_mode
     ATM_SPLIT_SIZE = ATM_TOKEN_MERGE_SPLIT_SIZE
 };
 
+/* The weighting attribute of the op (codes from tokenMergeContract.h). */
+enum atm_token_merge_weighting
+{
+    ATM_WEIGHTING_SIZE = ATM_TOKEN_MERGE_WEIGHTING_SIZE,
+    ATM_WEIGHTING_SALIENCE = ATM_TOKEN_MERGE_WEIGHTING_SALIENCE
+};
+
 /* Return values of every function below that returns int. */
 enum atm_token_merge_status
 {
@@ -65,6 +72,7 @@ enum atm_token_merge_status
 /* Largest batch: the batch is the grid's y dimension. */
 #define ATM_TOKEN_MERGE_MAX_BATCH 65535
 
+/* How many pairs merge: fixed_r if >= 0; else the intensity rule if r_max >= 0; else the threshold. */
 typedef struct atm_token_merge_params
 {
     int64_t batch;         /* B >= 1 */
@@ -73,9 +81,16 @@ typedef struct atm_token_merge_params
     int64_t metric_dim;    /* D >= 1 */
     int32_t num_protected; /* P >= 0: leading tokens that are never merged */
     int32_t split_mode;    /* atm_token_merge_split_mode */
-    int32_t fixed_r;       /* >= 0: merge min(fixed_r, floor((N - P) / 2)) pairs; < 0: use threshold */
-    float threshold;       /* batch-adaptive count: pairs with similarity > threshold */
+    int32_t fixed_r;       /* >= 0: merge min(fixed_r, floor((N - P) / 2)) pairs; < 0: intensity or threshold */
+    float threshold;       /* batch-adaptive count: pairs with score > threshold */
     int32_t dtype;         /* atm_token_merge_dtype of x, metric and x_out */
+    int32_t weighting;     /* atm_token_merge_weighting: size (ATM) or salience (AdaMerge) */
+    float salience_temperature; /* > 0: tau of the salience softmax(u u^T / tau) (weighting = salience) */
+    int32_t r_max;         /* >= 0 (and fixed_r < 0): AdaMerge's intensity rule, image b merges
+                              floor(r_max * sigmoid(scale * (rho_b - mean) / std)) pairs; -1: off */
+    float redundancy_mean; /* the intensity rule's mean, std (> 0) and scale */
+    float redundancy_std;
+    float redundancy_scale;
 } atm_token_merge_params;
 
 /* sizeof(atm_token_merge_params), so that bindings can check their copy of the struct. */
@@ -86,11 +101,13 @@ ATM_TOKEN_MERGE_API size_t atm_token_merge_params_size(void);
 ATM_TOKEN_MERGE_API int atm_token_merge_check(const atm_token_merge_params* params);
 
 /* Bytes of device scratch memory atm_token_merge_enqueue needs (0 if the parameters are invalid).
- * Grows with batch and num_tokens only, so the size for the largest shapes covers smaller ones. */
+ * For given attributes it grows with batch and num_tokens only, so the size for the largest
+ * shapes covers smaller ones. weighting = salience adds the salience arrays (4 floats per token),
+ * the intensity rule one float per 32 source tokens. */
 ATM_TOKEN_MERGE_API size_t atm_token_merge_workspace_size(const atm_token_merge_params* params);
 
-/* Enqueue one merge step on `stream` (3 kernel launches, 4 with split_mode = size, one fewer when
- * the source set A is empty). All pointers are device pointers; workspace holds at least
+/* Enqueue one merge step on `stream` (3 kernel launches, +1 with split_mode = size, +3 with
+ * weighting = salience, one fewer when the source set A is empty). All pointers are device pointers; workspace holds at least
  * atm_token_merge_workspace_size() bytes, aligned to 8 bytes (cudaMalloc and TensorRT give 256).
  * Returns without synchronising; errors of the launches are reported. */
 ATM_TOKEN_MERGE_API int atm_token_merge_enqueue(const atm_token_merge_params* params, const void* x,

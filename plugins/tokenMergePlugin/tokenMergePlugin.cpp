@@ -46,7 +46,7 @@ namespace
 
 constexpr int32_t kNbInputs = 3;
 constexpr int32_t kNbOutputs = 3;
-constexpr int32_t kCountOutput = 2; // num_tokens (a size tensor when fixed_r < 0)
+constexpr int32_t kCountOutput = 2; // num_tokens (a size tensor when fixed_r < 0: threshold or intensity rule)
 
 std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
 
@@ -164,7 +164,21 @@ std::string describe(atm_token_merge_attributes const& a)
     s << kPluginName << "(" ATM_TOKEN_MERGE_ATTR_THRESHOLD "=" << a.threshold
       << ", " ATM_TOKEN_MERGE_ATTR_FIXED_R "=" << a.fixed_r
       << ", " ATM_TOKEN_MERGE_ATTR_SPLIT_MODE "=" << a.split_mode
-      << ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED "=" << a.num_protected << ")";
+      << ", " ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED "=" << a.num_protected;
+    // AdaMerge's attributes only where they change the math, so ATM nodes keep their description
+    // (it is also the timing cache's key).
+    if (a.weighting != ATM_TOKEN_MERGE_WEIGHTING_SIZE)
+    {
+        s << ", " ATM_TOKEN_MERGE_ATTR_WEIGHTING "=" << a.weighting
+          << ", " ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE "=" << a.salience_temperature;
+    }
+    if (a.fixed_r < 0 && a.r_max >= 0)
+    {
+        s << ", " ATM_TOKEN_MERGE_ATTR_R_MAX "=" << a.r_max << ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN "="
+          << a.redundancy_mean << ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD "=" << a.redundancy_std
+          << ", " ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE "=" << a.redundancy_scale;
+    }
+    s << ")";
     return s.str();
 }
 
@@ -180,6 +194,15 @@ void appendAttributeFields(std::vector<PluginField>& fields, atm_token_merge_att
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_NUM_PROTECTED, bound ? &attrs->num_protected : nullptr, Type::kINT32, 1);
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_OPT_NUM_TOKENS, bound ? &attrs->opt_num_tokens : nullptr, Type::kINT32, 1);
     fields.emplace_back(ATM_TOKEN_MERGE_ATTR_MAX_NUM_TOKENS, bound ? &attrs->max_num_tokens : nullptr, Type::kINT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_WEIGHTING, bound ? &attrs->weighting : nullptr, Type::kINT32, 1);
+    fields.emplace_back(
+        ATM_TOKEN_MERGE_ATTR_SALIENCE_TEMPERATURE, bound ? &attrs->salience_temperature : nullptr, Type::kFLOAT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_R_MAX, bound ? &attrs->r_max : nullptr, Type::kINT32, 1);
+    fields.emplace_back(
+        ATM_TOKEN_MERGE_ATTR_REDUNDANCY_MEAN, bound ? &attrs->redundancy_mean : nullptr, Type::kFLOAT32, 1);
+    fields.emplace_back(ATM_TOKEN_MERGE_ATTR_REDUNDANCY_STD, bound ? &attrs->redundancy_std : nullptr, Type::kFLOAT32, 1);
+    fields.emplace_back(
+        ATM_TOKEN_MERGE_ATTR_REDUNDANCY_SCALE, bound ? &attrs->redundancy_scale : nullptr, Type::kFLOAT32, 1);
 }
 
 } // namespace
@@ -315,7 +338,8 @@ int32_t TokenMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
     }
     // K, the output token count (tokenBounds): for a fixed r an expression of N (a constant when N
     // is), so num_tokens is a plain 0-D tensor and a graph with static N keeps static token dims
-    // (TensorRT can capture CUDA graphs of it); for a threshold a size tensor with opt and upper.
+    // (TensorRT can capture CUDA graphs of it); for the threshold and the intensity rule (both
+    // data-dependent) a size tensor with opt and upper.
     TrtAlgebra alg{exprBuilder};
     TokenBounds<IDimensionExpr const*> const bounds = tokenBounds(alg, n, n->isConstant(), mAttrs);
     bool const sizeTensor = mAttrs.fixed_r < 0;
@@ -338,7 +362,7 @@ int32_t TokenMergePlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInp
     outputs[1].nbDims = 2;
     outputs[1].d[0] = inputs[0].d[0];
     outputs[1].d[1] = k;
-    outputs[kCountOutput].nbDims = 0; // a scalar (a size tensor for a threshold)
+    outputs[kCountOutput].nbDims = 0; // a scalar (a size tensor for the threshold and intensity rules)
     return 0;
 }
 
@@ -402,8 +426,10 @@ size_t countSlotOffset(size_t kernelWorkspaceBytes)
 size_t TokenMergePlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    // The workspace grows with B and N only, so the max shapes (N bounded by max_num_tokens where
-    // TensorRT reports none) cover every runtime shape; onShapeChange refuses an N above the bound.
+    // The workspace grows with B and N only (for these attributes: weighting = salience adds the
+    // salience arrays, the intensity rule the score sums), so the max shapes (N bounded by
+    // max_num_tokens where TensorRT reports none) cover every runtime shape; onShapeChange refuses
+    // an N above the bound.
     // It ends with one int64 slot for the count, which enqueue narrows into the INT32 output.
     // 0 (with a logged reason) where no bound is known: TensorRT then fails the build.
     atm_token_merge_params params;

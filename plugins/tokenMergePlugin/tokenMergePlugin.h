@@ -11,8 +11,13 @@
  *   inputs   0 x [B, N, C] float32|float16   1 size [B, N] float32   2 metric [B, N, D] like x
  *   outputs  0 x_out [B, K, C] like x   1 size_out [B, K] float32   2 num_tokens: K, 0-D INT32
  *            (the ONNX graph casts it to int64). fixed_r >= 0: K = N - min(fixed_r, floor((N - P) / 2)),
- *            an expression of N, and num_tokens a plain tensor; fixed_r < 0: a size tensor
- *            (declareSizeTensor(2, opt, upper), upper = N or max_num_tokens; tokenMergeAttributes.h)
+ *            an expression of N, and num_tokens a plain tensor; fixed_r < 0 (the threshold rule, or
+ *            AdaMerge's intensity rule when r_max >= 0): a size tensor (declareSizeTensor(2, opt,
+ *            upper), upper = N or max_num_tokens; tokenMergeAttributes.h)
+ *   fields   the attributes of tokenMergeContract.h: floats FLOAT32 (threshold,
+ *            salience_temperature, redundancy_mean / _std / _scale), ints INT32 (fixed_r, split_mode,
+ *            num_protected, opt_num_tokens, max_num_tokens, weighting, r_max), as the ONNX parser
+ *            passes them
  *
  * All math is in the kernel library (tokenMergeKernel.h); attribute parsing, shape checks and
  * the token bounds are in tokenMergeAttributes.h. This class translates TensorRT's types.

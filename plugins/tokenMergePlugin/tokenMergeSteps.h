@@ -14,14 +14,20 @@
  *
  * Floating point: every multiply-add that should be fused is written as fmaf(); the CUDA code is
  * built with --fmad=false and the host code with -ffp-contract=off, so nothing else is fused and
- * both paths round identically.
+ * both paths round identically. The library functions that are not correctly rounded differ
+ * between the CUDA and the C library (expf above all), so the exponential of AdaMerge's softmax
+ * and sigmoid is our own (expDet: fmaf, rintf and exact scalings only).
  *
  * Steps (docs/token-merge-op.md):
  *   split_block  (split_mode = size only) stable rank of the sizes -> token order [A..., B...]
- *   match_block  cosine similarity A x B in 32x32 tiles, best partner per A row, count > threshold
- *   plan_block   one block per image: r, rank of the A scores (which r merge), output row
- *                plan (kept A tokens in A's order), merge source lists, size_out, K
- *   merge_lane   one warp per output row: copy kept rows, size-weighted average for B rows
+ *   salience     (weighting = salience only; tokenMergeSalience.h) row softmax statistics, column
+ *                sums and their min-max normalisation -> each unprotected token's salience
+ *   match_block  cosine similarity A x B in 32x32 tiles, best partner per A row, the score
+ *                (times the source's salience for AdaMerge), count > threshold or score sums
+ *   plan_block   one block per image: r (fixed, threshold or intensity rule), rank of the A
+ *                scores (which r merge), output row plan (kept A tokens in A's order), merge
+ *                source lists, size_out (and AdaMerge's merged weights), K
+ *   merge_lane   one warp per output row: copy kept rows, weighted average for B rows
  */
 #ifndef ATM_TOKEN_MERGE_STEPS_H
 #define ATM_TOKEN_MERGE_STEPS_H
@@ -58,6 +64,10 @@ constexpr int kHalfTile = kTile / 2;
 constexpr int kMergeRowsPerBlock = kBlockThreads / kWarpSize;
 constexpr float kNormEps = 1e-12f;
 constexpr int32_t kNoIndex = 0x7fffffff;
+//! atm_export.merge.SALIENCE_EPS: the least spread of centralities normalised to the full [0, 1].
+constexpr float kSalienceEps = 1e-2f;
+//! atm_export.merge.SALIENCE_FLOOR: added to the salience in merge weights (salience 0 still counts).
+constexpr float kSalienceFloor = 1e-2f;
 
 // ---------------------------------------------------------------------------------------------
 // Element conversion. All arithmetic is float32; x and metric may be stored narrower.
@@ -172,8 +182,88 @@ ATM_HD inline float cosineScore(float dot, float sumsqA, float sumsqB)
     return fminf(fmaxf(dot / (normA * normB), -1.0f), 1.0f);
 }
 
+// ---------------------------------------------------------------------------------------------
+// AdaMerge's scalar math. expDet is the same function on both paths (see the top of this file).
+
+//! 2^e as a float, for e in [-126, 127] (a normal number: exact).
+ATM_HD inline float pow2(int32_t e)
+{
+    uint32_t const bits = static_cast<uint32_t>(e + 127) << 23;
+    float v;
+    memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
+//! e^x within about 1 ulp, bitwise the same on the GPU and the CPU: x = k ln2 + r (|r| <= ln2 / 2,
+//! ln2 split in two so that k ln2 is exact enough), e^r by its Taylor polynomial of degree 7
+//! (error < 1e-8), times 2^k in two exact steps so that results below the normal range round
+//! once, like expf's. NaN stays NaN; e^-inf = 0, e^inf = inf.
+ATM_HD inline float expDet(float x)
+{
+    if (!(x > -104.0f))
+    {
+        return x != x ? x : 0.0f; // below half the smallest denormal
+    }
+    if (x > 88.7228394f)
+    {
+        return INFINITY;
+    }
+    float const k = rintf(x * 1.44269504f);
+    float r = fmaf(k, -0.693145752f, x);
+    r = fmaf(k, -1.42860677e-6f, r);
+    float p = 1.98412698e-4f;
+    p = fmaf(p, r, 1.38888889e-3f);
+    p = fmaf(p, r, 8.33333333e-3f);
+    p = fmaf(p, r, 4.16666667e-2f);
+    p = fmaf(p, r, 1.66666667e-1f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    int32_t const ki = static_cast<int32_t>(k); // in [-150, 128]
+    int32_t const k1 = ki / 2;
+    return p * pow2(k1) * pow2(ki - k1);
+}
+
+//! 1 / (1 + e^-t), as torch.sigmoid.
+ATM_HD inline float sigmoidDet(float t)
+{
+    return 1.0f / (1.0f + expDet(-t));
+}
+
+//! AdaMerge's weight of a token in the average: size * (salience + SALIENCE_FLOOR)
+//! (atm_export.merge.merge_weights). Every path computes it here, so the weights that sum into
+//! a merged token's total are bitwise those the merge divides by it.
+ATM_HD inline float mergeWeight(float size, float salience)
+{
+    return size * (salience + kSalienceFloor);
+}
+
+//! The intensity rule's pairs for one image: floor(r_max * sigmoid(scale * (rho - mean) / std)),
+//! rho its mean score (atm_export.merge.intensity_counts); 0 for a NaN redundancy.
+ATM_HD inline int64_t intensityCount(float rho, int32_t rMax, float mean, float stdDev, float scale)
+{
+    float const z = (rho - mean) / stdDev;
+    float const fraction = static_cast<float>(rMax) * sigmoidDet(scale * z);
+    return fraction == fraction ? static_cast<int64_t>(floorf(fraction)) : 0;
+}
+
+//! The counting rule of a step, as the params choose it (fixed_r first, then r_max).
+struct CountRule
+{
+    int32_t fixedR;   //!< >= 0: a fixed r
+    int32_t rMax;     //!< >= 0 (and fixedR < 0): the intensity rule; else the threshold
+    float mean;       //!< the intensity rule's redundancy statistics and slope
+    float stdDev;
+    float scale;
+
+    ATM_HD bool intensity() const
+    {
+        return fixedR < 0 && rMax >= 0;
+    }
+};
+
 //! r: min(fixed_r, cap) for a fixed count, else min(floor(sum of counts / B), cap), with
-//! cap = maxMerges(M).
+//! cap = maxMerges(M); the counts are those above the threshold or the intensity rule's r_b.
 ATM_HD inline int32_t mergeCount(int32_t fixedR, int64_t totalAbove, int64_t batch, int32_t cap)
 {
     if (fixedR >= 0)
@@ -206,6 +296,12 @@ struct SplitView
         return order != nullptr ? order[b * unprotected + na + j] : firstB + 2 * j;
     }
 };
+
+//! The salience of an unprotected token (salience: [B, M], by position after the protected ones).
+ATM_HD inline float tokenSalience(float const* salience, SplitView const& split, int64_t b, int32_t token)
+{
+    return salience[b * split.unprotected + token - split.numProtected];
+}
 
 //! Threads keep nothing in registers between the phases of a program that uses this state.
 struct NoState
@@ -260,9 +356,11 @@ struct MatchArgs
     int64_t numTokens;
     int64_t dim;
     float threshold;
-    float* score;       //!< [B, Na] out: best similarity
+    float const* salience; //!< [B, M] (weighting = salience): scores are salience x similarity; else nullptr
+    float* score;       //!< [B, Na] out: best similarity (times the source's salience)
     int32_t* dst;       //!< [B, Na] out: its B position
     int32_t* tileCount; //!< [B, tilesA] out: rows of the tile with score > threshold
+    float* tileScore;   //!< [B, tilesA] out (intensity rule; else nullptr): the tile's score sum
     int32_t tilesA;
 };
 
@@ -275,6 +373,7 @@ struct MatchShared
     float candScore[kTile][kHalfTile];
     int32_t candIndex[kTile][kHalfTile];
     int32_t above[kTile];
+    float rowScore[kTile]; //!< the rows' scores (0 past Na), summed in row order for the intensity rule
 };
 
 struct MatchThread
@@ -284,27 +383,36 @@ struct MatchThread
     int32_t bestJ[2];
 };
 
-//! Load metric features [d0, d0 + 32) of 32 consecutive A (or B) rows into shared memory as
-//! float32; rows and features past the end read as 0, which adds nothing to dots and norms.
-template <typename T>
-ATM_HD inline void loadChunk(float (*tile)[kTileStride], MatchArgs const& args, int64_t b, int32_t first, bool sideA,
-    int64_t d0, int tid)
+//! Load metric features [d0, d0 + 32) of rows first .. first + 31 of a token list (`count` rows;
+//! tokenOf(index) is the token position of a row) into shared memory as float32; rows and
+//! features past the end read as 0, which adds nothing to dots and norms.
+template <typename T, class TokenOf>
+ATM_HD inline void loadRows(float (*tile)[kTileStride], void const* metricData, int64_t numTokens, int64_t dim,
+    int64_t b, int32_t first, int32_t count, TokenOf const& tokenOf, int64_t d0, int tid)
 {
-    T const* metric = static_cast<T const*>(args.metric);
-    int32_t const count = sideA ? args.split.na : args.split.nb;
+    T const* metric = static_cast<T const*>(metricData);
     for (int e = tid; e < kTile * kChunk; e += kBlockThreads)
     {
         int const row = e / kChunk;
         int const d = e % kChunk;
         int32_t const index = first + row;
         float v = 0.0f;
-        if (index < count && d0 + d < args.dim)
+        if (index < count && d0 + d < dim)
         {
-            int32_t const token = sideA ? args.split.aToken(b, index) : args.split.bToken(b, index);
-            v = toFloat(metric[(b * args.numTokens + token) * args.dim + d0 + d]);
+            v = toFloat(metric[(b * numTokens + tokenOf(index)) * dim + d0 + d]);
         }
         tile[row][d] = v;
     }
+}
+
+//! loadRows for 32 consecutive A (or B) rows of the split.
+template <typename T>
+ATM_HD inline void loadChunk(float (*tile)[kTileStride], MatchArgs const& args, int64_t b, int32_t first, bool sideA,
+    int64_t d0, int tid)
+{
+    SplitView const& split = args.split;
+    auto const tokenOf = [&](int32_t index) { return sideA ? split.aToken(b, index) : split.bToken(b, index); };
+    loadRows<T>(tile, args.metric, args.numTokens, args.dim, b, first, sideA ? split.na : split.nb, tokenOf, d0, tid);
 }
 
 //! Four consecutive features of a shared tile row as one 16-byte shared-memory read.
@@ -337,8 +445,10 @@ ATM_HD inline float fma4(float4 const& a, float4 const& b, float dot)
 }
 
 //! Thread (ty, tx) accumulates dots of A rows ty, ty+16 with B rows tx, tx+16 over one chunk;
-//! threads 0..31 also accumulate the squared norm of B row tid.
-ATM_HD inline void accumulateChunk(MatchShared& sh, MatchThread& th, int tid)
+//! threads 0..31 also accumulate the squared norm of B row tid. (Any shared tile pair a, b with
+//! sumsqB, and thread state with dot[2][2]: the match's and the salience's.)
+template <class Shared, class Thread>
+ATM_HD inline void accumulateChunk(Shared& sh, Thread& th, int tid)
 {
     int const ty = tid / kHalfTile;
     int const tx = tid % kHalfTile;
@@ -414,12 +524,19 @@ ATM_HD inline void finishRow(MatchShared& sh, MatchArgs const& args, int64_t b, 
         best = -1.0f; // nothing to merge into (the reference's convention)
         bestJ = 0;
     }
+    if (valid && args.salience != nullptr)
+    {
+        // AdaMerge: the partner stays the most similar B token; the score that ranks the pair,
+        // meets the threshold and makes the redundancy is weighted by the source's salience.
+        best = tokenSalience(args.salience, args.split, b, args.split.aToken(b, i)) * best;
+    }
     if (valid)
     {
         args.score[b * args.split.na + i] = best;
         args.dst[b * args.split.na + i] = bestJ;
     }
     sh.above[tid] = (valid && best > args.threshold) ? 1 : 0;
+    sh.rowScore[tid] = valid ? best : 0.0f;
 }
 
 template <typename T, class Exec>
@@ -479,11 +596,17 @@ ATM_HD void matchBlock(Exec& ex, MatchShared& sh, MatchArgs const& args, int64_t
         if (tid == 0)
         {
             int32_t count = 0;
+            float sum = 0.0f; // in row order: the intensity rule's redundancy is a fixed-order mean
             for (int k = 0; k < kTile; ++k)
             {
                 count += sh.above[k];
+                sum += sh.rowScore[k];
             }
             args.tileCount[b * args.tilesA + tileA] = count;
+            if (args.tileScore != nullptr)
+            {
+                args.tileScore[b * args.tilesA + tileA] = sum;
+            }
         }
     });
 }
@@ -498,18 +621,35 @@ struct PlanArgs
     float const* score;
     int32_t const* dst;
     int32_t const* tileCount;
+    float const* tileScore; //!< [B, tilesA] (intensity rule): the tiles' score sums
     int32_t tilesA;
     int64_t batch;
-    int32_t fixedR;
+    CountRule rule;
     float const* size; //!< [B, N]
+    float const* salience; //!< [B, M] (weighting = salience), else nullptr
     SplitView split;
     int64_t numTokens;
     int32_t* plan;       //!< [B, N] out: output row -> token to copy, or -1 - j for B row j
     int32_t* srcOffset;  //!< [B, Nb + 1] out: merge sources of B row j are srcList[off[j] .. off[j+1])
     int32_t* srcList;    //!< [B, Na] out: token positions of the merged A tokens
+    float* mergedWeight; //!< [B, Nb] out (weighting = salience): B row j's total merge weight
     float* sizeOut;      //!< [B, K] out (compact)
     int64_t* numTokensOut;
 };
+
+//! The intensity rule's r_b of image `image`: its redundancy rho = the mean score over A (tile
+//! sums added in tile order, so every plan block gets the same bits), 0 when A is empty.
+ATM_HD inline int64_t imageIntensityCount(PlanArgs const& args, int64_t image)
+{
+    float sum = 0.0f;
+    for (int32_t t = 0; t < args.tilesA; ++t)
+    {
+        sum += args.tileScore[image * args.tilesA + t];
+    }
+    int32_t const na = args.split.na;
+    float const rho = na > 0 ? sum / static_cast<float>(na) : 0.0f;
+    return intensityCount(rho, args.rule.rMax, args.rule.mean, args.rule.stdDev, args.rule.scale);
+}
 
 //! Shared memory of plan_block: this header, then score, size and dst, rank arrays of Na each.
 struct PlanShared
@@ -569,12 +709,16 @@ ATM_HD inline void emitA(PlanArrays const& sh, PlanArgs const& args, int64_t b, 
     args.sizeOut[b * nOut + o] = sh.sizeA[i];
 }
 
-//! B row j: its source-list offset and its merged size, summed in ascending A position.
+//! B row j: its source-list offset and its merged size (and AdaMerge's merged weight), summed in
+//! ascending A position.
 ATM_HD inline void emitB(PlanArrays const& sh, PlanArgs const& args, int64_t b, int32_t j, int32_t r, int64_t nOut)
 {
     SplitView const& split = args.split;
     int32_t before = 0;
-    float merged = args.size[b * args.numTokens + split.bToken(b, j)];
+    int32_t const target = split.bToken(b, j);
+    float merged = args.size[b * args.numTokens + target];
+    bool const weighted = args.salience != nullptr;
+    float weight = weighted ? mergeWeight(merged, tokenSalience(args.salience, split, b, target)) : 0.0f;
     for (int32_t k = 0; k < split.na; ++k)
     {
         if (sh.rank[k] >= r)
@@ -585,7 +729,15 @@ ATM_HD inline void emitB(PlanArrays const& sh, PlanArgs const& args, int64_t b, 
         if (sh.dst[k] == j)
         {
             merged += sh.sizeA[k];
+            if (weighted)
+            {
+                weight += mergeWeight(sh.sizeA[k], tokenSalience(args.salience, split, b, split.aToken(b, k)));
+            }
         }
+    }
+    if (weighted)
+    {
+        args.mergedWeight[b * split.nb + j] = weight;
     }
     args.srcOffset[b * (split.nb + 1) + j] = before;
     int64_t const o = split.numProtected + split.na - r + j;
@@ -607,10 +759,22 @@ ATM_HD void planBlock(Exec& ex, unsigned char* smem, PlanArgs const& args, int64
             sh.dst[i] = args.dst[b * na + i];
             sh.sizeA[i] = args.size[b * args.numTokens + split.aToken(b, i)];
         }
+        // Every block sums the whole batch's counts (pairs above the threshold, or the intensity
+        // rule's r_b per image), so every image gets the same r.
         int64_t sum = 0;
-        for (int64_t k = tid; k < counts; k += kBlockThreads)
+        if (args.rule.intensity())
         {
-            sum += args.tileCount[k];
+            for (int64_t image = tid; image < args.batch; image += kBlockThreads)
+            {
+                sum += imageIntensityCount(args, image);
+            }
+        }
+        else
+        {
+            for (int64_t k = tid; k < counts; k += kBlockThreads)
+            {
+                sum += args.tileCount[k];
+            }
         }
         sh.head->partial[tid] = sum;
     });
@@ -626,7 +790,7 @@ ATM_HD void planBlock(Exec& ex, unsigned char* smem, PlanArgs const& args, int64
     ex.each([&](int tid, NoState&) {
         if (tid == 0)
         {
-            sh.head->r = mergeCount(args.fixedR, sh.head->partial[0], args.batch, maxMerges(split.unprotected));
+            sh.head->r = mergeCount(args.rule.fixedR, sh.head->partial[0], args.batch, maxMerges(split.unprotected));
         }
         for (int32_t i = tid; i < na; i += kBlockThreads)
         {
@@ -675,6 +839,8 @@ struct MergeArgs
     float const* size;    //!< [B, N]
     void* xOut;           //!< [B, K, C] (compact)
     float const* sizeOut; //!< [B, K], from plan_block: the divisor of merged rows
+    float const* salience;     //!< [B, M] (weighting = salience), else nullptr: size-weighted
+    float const* mergedWeight; //!< [B, Nb] (weighting = salience): the divisor of merged rows
     int32_t const* plan;
     int32_t const* srcOffset;
     int32_t const* srcList;
@@ -739,6 +905,43 @@ ATM_HD inline void copyVec(T const* from, T* to)
     }
 }
 
+//! AdaMerge's B row j (atm_export.merge.merge_weighted with the plan's weights): x_t + sum_s
+//! (x_s - x_t) (w_s / W'_j), w = mergeWeight(size, salience), W'_j from plan_block; sources in
+//! ascending A position. Each delta is rounded before it is added, as the reference's scatter-add.
+template <typename T, int VEC>
+ATM_HD void mergeSalienceRow(MergeArgs const& args, int64_t b, int32_t j, T const* targetRow, int32_t const* sources,
+    int32_t first, int32_t last, T* out, int lane)
+{
+    int64_t const c = args.channels;
+    T const* x = static_cast<T const*>(args.x);
+    float const total = args.mergedWeight[b * args.split.nb + j];
+    int64_t const step = static_cast<int64_t>(kWarpSize) * VEC;
+    for (int64_t k = static_cast<int64_t>(lane) * VEC; k < c; k += step)
+    {
+        float xt[VEC];
+        float acc[VEC];
+        loadVec<T, VEC>(targetRow + k, xt);
+        for (int e = 0; e < VEC; ++e)
+        {
+            acc[e] = xt[e];
+        }
+        for (int32_t s = first; s < last; ++s)
+        {
+            int32_t const token = sources[s];
+            float const w = mergeWeight(args.size[b * args.numTokens + token],
+                                tokenSalience(args.salience, args.split, b, token))
+                / total;
+            float v[VEC];
+            loadVec<T, VEC>(x + (b * args.numTokens + token) * c + k, v);
+            for (int e = 0; e < VEC; ++e)
+            {
+                acc[e] = acc[e] + (v[e] - xt[e]) * w; // not fused, as the reference
+            }
+        }
+        storeVec<T, VEC>(out + k, acc);
+    }
+}
+
 template <typename T, int VEC>
 ATM_HD void mergeLane(MergeArgs const& args, int64_t b, int64_t o, int lane)
 {
@@ -761,15 +964,20 @@ ATM_HD void mergeLane(MergeArgs const& args, int64_t b, int64_t o, int lane)
         }
         return;
     }
-    // B row j: (size_t x_t + sum_s size_s x_s) / size'_j, sources in ascending A position.
     int32_t const j = -1 - entry;
     int32_t const target = args.split.bToken(b, j);
     int32_t const first = args.srcOffset[b * (args.split.nb + 1) + j];
     int32_t const last = args.srcOffset[b * (args.split.nb + 1) + j + 1];
     int32_t const* sources = args.srcList + b * args.split.na;
+    T const* targetRow = x + (b * args.numTokens + target) * c;
+    if (args.salience != nullptr)
+    {
+        mergeSalienceRow<T, VEC>(args, b, j, targetRow, sources, first, last, out, lane);
+        return;
+    }
+    // B row j: (size_t x_t + sum_s size_s x_s) / size'_j, sources in ascending A position.
     float const targetSize = args.size[b * args.numTokens + target];
     float const mergedSize = args.sizeOut[b * nOut + o];
-    T const* targetRow = x + (b * args.numTokens + target) * c;
     for (int64_t k = static_cast<int64_t>(lane) * VEC; k < c; k += step)
     {
         float acc[VEC];

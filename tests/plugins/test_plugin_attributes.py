@@ -370,3 +370,116 @@ def test_enqueue_without_a_gpu_reports_a_cuda_error(lib):
     p = params()
     assert enqueue(lib, p, lib.atm_token_merge_workspace_size(ctypes.byref(p))) == CUDA_ERROR
     assert "kernel launch failed" in last_error(lib)
+
+
+# ---- AdaMerge's attributes -------------------------------------------------------------------
+
+ADAMERGE_DEFAULTS = {"weighting": 0, "salience_temperature": 1.0, "r_max": -1, "redundancy_mean": 0.0,
+                     "redundancy_std": 1.0, "redundancy_scale": 1.0}
+
+
+def adamerge_of(a: Attributes) -> dict:
+    return {name: getattr(a, name) for name in ADAMERGE_DEFAULTS}
+
+
+def test_adamerge_defaults_are_the_contract(lib):
+    from atm_export import contract
+
+    out = Attributes(*[-9] * len(Attributes._fields_))
+    lib.atm_token_merge_default_attributes(ctypes.byref(out))
+    assert adamerge_of(out) == ADAMERGE_DEFAULTS == {k: contract.DEFAULTS[k] for k in ADAMERGE_DEFAULTS}
+    assert adamerge_of(Attributes()) == ADAMERGE_DEFAULTS, "the ctypes struct defaults to the contract too"
+
+
+def test_adamerge_fields_as_the_onnx_parser_passes_them(lib):
+    status, a = parse(lib, ("weighting", 1, INT32), ("salience_temperature", 0.5, FLOAT32), ("r_max", 12, INT32),
+                      ("redundancy_mean", 0.25, FLOAT32), ("redundancy_std", 0.125, FLOAT32),
+                      ("redundancy_scale", 2.0, FLOAT32))
+    assert status == OK, last_error(lib)
+    assert adamerge_of(a) == {"weighting": 1, "salience_temperature": 0.5, "r_max": 12, "redundancy_mean": 0.25,
+                              "redundancy_std": 0.125, "redundancy_scale": 2.0}
+    assert as_tuple(a) == (1.0, -1, 0, 1), "the other attributes keep their defaults"
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        ((("weighting", 2, INT32),), "weighting must be 0 (size) or 1 (salience), got 2"),
+        ((("weighting", 1, INT32), ("salience_temperature", 0.0, FLOAT32)), "salience_temperature must be > 0"),
+        ((("weighting", 1, INT32), ("salience_temperature", math.inf, FLOAT32)), "salience_temperature must be > 0"),
+        ((("r_max", -2, INT32),), "r_max must be >= -1, got -2"),
+        ((("r_max", 4, INT32), ("redundancy_std", 0.0, FLOAT32)), "redundancy_std must be > 0"),
+        ((("r_max", 4, INT32), ("redundancy_mean", math.nan, FLOAT32)), "redundancy_mean and redundancy_scale"),
+        ((("r_max", 4, INT32), ("redundancy_scale", math.inf, FLOAT32)), "redundancy_mean and redundancy_scale"),
+        ((("r_max", 1.5, FLOAT32),), "r_max must be an integer"),
+        ((("redundancy_std", "1", CHAR),), "redundancy_std must be a float"),
+    ],
+)
+def test_invalid_adamerge_fields_are_rejected_with_a_reason(lib, specs, message):
+    status, a = parse(lib, *specs)
+    assert status == INVALID
+    assert message in last_error(lib)
+    assert as_tuple(a) == (-9.0, -9, -9, -9), "the output is untouched on failure"
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        (("salience_temperature", 0.0, FLOAT32),),  # read only with weighting = 1
+        (("redundancy_std", 0.0, FLOAT32),),  # read only under the intensity rule
+        (("r_max", 4, INT32), ("fixed_r", 3, INT32), ("redundancy_std", 0.0, FLOAT32)),  # fixed_r wins
+        (("r_max", 4, INT32), ("threshold", math.nan, FLOAT32)),  # the intensity rule needs no threshold
+    ],
+)
+def test_adamerge_values_that_are_not_read_are_not_checked(lib, specs):
+    status, _ = parse(lib, *specs)
+    assert status == OK, last_error(lib)
+
+
+def test_make_params_carries_the_adamerge_attributes(lib):
+    x = (ctypes.c_int64 * 3)(64, 197, 384)
+    metric = (ctypes.c_int64 * 3)(64, 197, 64)
+    attrs = Attributes(0.9, -1, 1, 1, weighting=1, salience_temperature=0.5, r_max=9, redundancy_mean=0.3,
+                       redundancy_std=0.2, redundancy_scale=3.0)
+    out = Params()
+    assert lib.atm_token_merge_make_params(x, metric, ctypes.byref(attrs), 0, ctypes.byref(out)) == OK
+    assert (out.weighting, out.r_max) == (1, 9)
+    assert (out.salience_temperature, out.redundancy_std, out.redundancy_scale) == (0.5, pytest.approx(0.2), 3.0)
+    assert out.redundancy_mean == pytest.approx(0.3)
+
+
+def test_workspace_grows_by_what_adamerge_needs(lib):
+    ws = lambda **kw: lib.atm_token_merge_workspace_size(ctypes.byref(params(**kw)))  # noqa: E731
+    base = ws()
+    salience = ws(weighting=1)
+    assert salience > base, "the salience arrays"
+    assert ws(weighting=1, batch=128) > salience and ws(weighting=1, num_tokens=577) > salience
+    assert ws(weighting=1, channels=1024, metric_dim=128) == salience
+    assert ws(r_max=8) > base, "the intensity rule's tile score sums"
+    assert ws(r_max=8, fixed_r=4) == base, "a fixed r does not count"
+    assert ws(weighting=1, salience_temperature=0.1) == salience
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"weighting": 2}, "weighting must be"),
+        ({"weighting": 1, "salience_temperature": 0.0}, "salience_temperature must be > 0"),
+        ({"r_max": -2}, "r_max must be >= -1"),
+        ({"r_max": 3, "redundancy_std": -1.0}, "redundancy_std must be > 0"),
+        ({"r_max": 3, "redundancy_mean": math.inf}, "must be finite"),
+    ],
+)
+def test_check_rejects_bad_adamerge_params(lib, overrides, message):
+    assert lib.atm_token_merge_check(ctypes.byref(params(**overrides))) == INVALID
+    assert message in last_error(lib)
+
+
+@pytest.mark.parametrize(("n", "r_max", "opt"), [(197, 8, 193), (197, 500, 148), (197, 0, 197), (4, 3, 4)])
+def test_token_bounds_of_the_intensity_rule(lib, n, r_max, opt):
+    """A size tensor (the count is data-dependent); opt = N - floor(min(r_max, floor(M/2)) / 2)."""
+    got_opt, upper = ctypes.c_int64(), ctypes.c_int64()
+    attrs = Attributes(0.9, -1, 0, 1, r_max=r_max)
+    assert lib.atm_token_merge_token_bounds(n, 1, ctypes.byref(attrs), ctypes.byref(got_opt),
+                                            ctypes.byref(upper)) == OK
+    assert (got_opt.value, upper.value) == (opt, n)

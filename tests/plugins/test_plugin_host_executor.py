@@ -247,3 +247,180 @@ def test_invalid_inputs_raise_with_the_reason(kernels):
         cuda_kernels.token_merge_host(x, size.double(), metric, r=1)
     with pytest.raises(ValueError, match="cpu tensor"):
         cuda_kernels.token_merge_host(x.to("meta"), size, metric, r=1)
+
+
+# ---- AdaMerge: salience weighting (scores and averages) and the intensity rule -------------------
+
+
+def adamerge_inputs(batch=4, n=21, num_protected=1, seed=0):
+    """merging_inputs with one image of unrelated tokens, so the images' redundancies differ."""
+    x, size, metric = merging_inputs(batch=batch, n=n, c=8, d=32, num_protected=num_protected, seed=seed)
+    metric[batch // 2] = torch.randn(metric[batch // 2].shape, generator=torch.Generator().manual_seed(seed + 1))
+    return x, size, metric
+
+
+def intensity_for(x, size, metric, *, split_mode, num_protected, weighting="salience"):
+    """An intensity rule that the inputs' redundancies straddle: r_b differs between images, r > 0."""
+    probe = M.token_merge(x, size, metric, intensity=M.Intensity(1, 0.0, 1.0), weighting=weighting,
+                          split_mode=split_mode, num_protected=num_protected)
+    rho = probe.redundancy.sort().values
+    cap = M.max_merges(x.shape[1] - num_protected)
+    spread = float(rho[-1] - rho[0])
+    k = (len(rho) - 1) // 2
+    middle = float(rho[k] + rho[k + 1]) / 2 if len(rho) > 1 else float(rho[0]) + 0.01  # between images
+    return M.Intensity(r_max=max(2, cap), mean=middle, std=max(spread, 1e-3) / 2, scale=1.5)
+
+
+def threshold_for(x, size, metric, *, split_mode, num_protected):
+    """A threshold in the widest gap between the middle salience-weighted scores: some merge, and
+    no score sits within rounding of it."""
+    split = M.split_tokens(size, num_protected, split_mode)
+    score = M.match_scores(metric, split, "salience")[0].flatten().sort().values
+    middle = score[int(0.4 * len(score)):int(0.8 * len(score)) + 1]
+    gap = int((middle[1:] - middle[:-1]).argmax())
+    return float(middle[gap] + middle[gap + 1]) / 2
+
+
+def salience_policy(rule, x, size, metric, split_mode, num_protected):
+    cap = M.max_merges(x.shape[1] - num_protected)
+    if rule == "fixed":
+        return {"r": max(1, cap // 2)}
+    if rule == "threshold":
+        return {"threshold": threshold_for(x, size, metric, split_mode=split_mode, num_protected=num_protected)}
+    return {"intensity": intensity_for(x, size, metric, split_mode=split_mode, num_protected=num_protected)}
+
+
+#: Salience-weighted averages agree to about 1e-4, not 1e-5: a token's weight is size * (s + 1e-2),
+#: and s = (c - min c) / spread carries the centralities' rounding (~1e-7) divided by the spread, so
+#: near-minimal tokens' weights differ relatively by ~1e-7 / (spread * 1e-2) between backends.
+SALIENCE_TOL = 1e-4
+
+
+def assert_decisions_clear(ref, rule):
+    """The reference's discrete choices are not within float rounding of flipping (else the
+    comparison would test rounding, not the algorithm)."""
+    if rule != "fixed":
+        assert ref.margin is None or ref.margin > 1e-4, f"a count sits on its boundary: margin {ref.margin}"
+    assert ref.tie_gap > 1e-5, f"a merge choice is within rounding of another: {ref.tie_gap}"
+
+
+@pytest.mark.parametrize("rule", ["fixed", "threshold", "intensity"])
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+@pytest.mark.parametrize("n", [21, 70, 200])  # 200: several 32-token tiles in every salience pass
+def test_salience_weighting_matches_reference(kernels, rule, split_mode, num_protected, n):
+    x, size, metric = adamerge_inputs(n=n, num_protected=num_protected, seed=n + num_protected)
+    kw = dict(salience_policy(rule, x, size, metric, split_mode, num_protected), weighting="salience",
+              split_mode=split_mode, num_protected=num_protected)
+    ref = M.token_merge(x, size, metric, diagnostics=True, **kw)
+    out = cuda_kernels.token_merge_host(x, size, metric, **kw)
+    assert ref.r > 0, "the inputs merge"
+    if rule == "intensity":
+        assert len(set(ref.counts.tolist())) > 1, f"r_b differs between images: {ref.counts.tolist()}"
+    assert_decisions_clear(ref, rule)
+    assert_same_merge(out, ref, n, rtol=SALIENCE_TOL, atol=SALIENCE_TOL)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+@pytest.mark.parametrize("unprotected", [1, 2, 3, 4])
+def test_salience_weighting_on_tiny_inputs(kernels, split_mode, num_protected, unprotected):
+    """M = 1 .. 4: one token (nothing to normalise against, A or B empty) up to two pairs.
+
+    With M = 2 both centralities are 1 up to rounding: the salience is rounding noise divided by
+    SALIENCE_EPS (~1e-5), which moves the weights (floor 1e-2) by ~1e-3 relatively, hence the
+    looser tolerance there."""
+    n = num_protected + unprotected
+    x, size, metric = merging_inputs(batch=2, n=n, num_protected=0, seed=unprotected)
+    metric[:, -1] = metric[:, num_protected] + 0.05 * torch.randn_like(metric[:, -1])  # a near pair
+    for policy in ({"r": 2}, {"threshold": -0.5}, {"intensity": M.Intensity(2, -1.0, 0.5)}):
+        kw = dict(policy, weighting="salience", split_mode=split_mode, num_protected=num_protected)
+        out, ref = run_both(x, size, metric, **kw)
+        assert ref.r == min(M.max_merges(unprotected), 2 if "r" in policy else ref.r)
+        tol = 2e-3 if unprotected == 2 else SALIENCE_TOL
+        assert_same_merge(out, ref, n, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+def test_intensity_rule_with_size_weighting(kernels, split_mode):
+    """The intensity rule counts from ATM's plain cosine scores too (weighting = size)."""
+    x, size, metric = adamerge_inputs(n=70, num_protected=1, seed=4)
+    intensity = intensity_for(x, size, metric, split_mode=split_mode, num_protected=1, weighting="size")
+    ref = M.token_merge(x, size, metric, intensity=intensity, split_mode=split_mode, diagnostics=True)
+    out = cuda_kernels.token_merge_host(x, size, metric, intensity=intensity, split_mode=split_mode)
+    assert ref.r > 0 and len(set(ref.counts.tolist())) > 1
+    assert_decisions_clear(ref, "intensity")
+    assert_same_merge(out, ref, 70)
+
+
+@pytest.mark.parametrize("temperature", [0.2, 1.0, 4.0])
+def test_salience_temperature(kernels, temperature):
+    """Sharp (0.2) to flat (4) softmaxes. (Much sharper ones make every centrality ~1, and the
+    salience, hence the ranking, rounding noise: see SALIENCE_TOL.)"""
+    x, size, metric = adamerge_inputs(n=45, num_protected=1, seed=9)
+    kw = dict(r=10, weighting="salience", salience_temperature=temperature, num_protected=1)
+    ref = M.token_merge(x, size, metric, diagnostics=True, **kw)
+    out = cuda_kernels.token_merge_host(x, size, metric, **kw)
+    assert ref.tie_gap > 1e-5
+    assert_same_merge(out, ref, 45, rtol=SALIENCE_TOL, atol=SALIENCE_TOL)
+
+
+@pytest.mark.parametrize("split_mode", ["alternate", "size"])
+@pytest.mark.parametrize("num_protected", [0, 1, 2])
+def test_salience_weighting_matches_the_loop_reference(kernels, split_mode, num_protected):
+    """Against tests/reference.py's AdaMerge restated with loops in float64 (independent of merge.py)."""
+    from reference import reference_adamerge
+
+    x, size, metric = adamerge_inputs(batch=3, n=33, num_protected=num_protected, seed=2)
+    intensity = intensity_for(x, size, metric, split_mode=split_mode, num_protected=num_protected)
+    threshold = threshold_for(x, size, metric, split_mode=split_mode, num_protected=num_protected)
+    for kw in ({"r": 6}, {"threshold": threshold}, {"intensity": intensity}):
+        out = cuda_kernels.token_merge_host(x, size, metric, weighting="salience", split_mode=split_mode,
+                                            num_protected=num_protected, **kw)
+        loop_kw = {**kw, "intensity": (intensity.r_max, intensity.mean, intensity.std, intensity.scale)} \
+            if "intensity" in kw else kw
+        ref_x, ref_size, ref_r, _, _ = reference_adamerge(x.double().tolist(), size.double().tolist(),
+                                                          metric.double().tolist(), split_mode=split_mode,
+                                                          num_protected=num_protected, **loop_kw)
+        assert ref_r > 0
+        assert out.num_tokens == 33 - ref_r, kw
+        torch.testing.assert_close(out.size.double(), torch.tensor(ref_size, dtype=torch.float64), rtol=0, atol=0)
+        torch.testing.assert_close(out.x.double(), torch.tensor(ref_x, dtype=torch.float64), atol=SALIENCE_TOL,
+                                   rtol=SALIENCE_TOL)
+
+
+def test_salience_vector_and_scalar_merge_paths_agree_bitwise(kernels):
+    x, size, metric = adamerge_inputs(n=25, num_protected=1)
+    kw = dict(threshold=0.2, weighting="salience")
+    aligned = cuda_kernels.token_merge_host(x, size, metric, **kw)
+    storage = torch.empty(x.numel() + 1)
+    shifted = storage[1:].view_as(x)
+    shifted.copy_(x)
+    unaligned = cuda_kernels.token_merge_host(shifted, size, metric, **kw)
+    again = cuda_kernels.token_merge_host(x, size, metric, **kw)
+    assert aligned.num_tokens == unaligned.num_tokens < 25
+    assert torch.equal(aligned.x, unaligned.x) and torch.equal(aligned.size, unaligned.size)
+    assert torch.equal(aligned.x, again.x), "deterministic"
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_salience_weighting_in_half_precision(kernels, dtype, tol):
+    x, size, metric = adamerge_inputs(n=33, num_protected=1, seed=6)
+    x, metric = x.to(dtype), metric.to(dtype)
+    kw = dict(r=8, weighting="salience")
+    out = cuda_kernels.token_merge_host(x, size, metric, **kw)
+    ref = M.token_merge(x.float(), size, metric.float(), diagnostics=True, **kw)
+    assert ref.tie_gap > 1e-4
+    assert_same_merge(out, ref, 33, rtol=tol, atol=tol)
+
+
+def test_invalid_adamerge_arguments_raise(kernels):
+    x, size, metric = merging_inputs(batch=1, n=9, num_protected=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        cuda_kernels.token_merge_host(x, size, metric, r=2, intensity=M.Intensity(2, 0.0, 1.0))
+    with pytest.raises(ValueError, match="unknown weighting"):
+        cuda_kernels.token_merge_host(x, size, metric, r=2, weighting="attention")
+    with pytest.raises(cuda_kernels.TokenMergeKernelError, match="salience_temperature must be > 0"):
+        cuda_kernels.token_merge_host(x, size, metric, r=2, weighting="salience", salience_temperature=0.0)
+    with pytest.raises(cuda_kernels.TokenMergeKernelError, match="redundancy_std must be > 0"):
+        cuda_kernels.token_merge_host(x, size, metric, intensity=M.Intensity(2, 0.0, 0.0))
