@@ -49,8 +49,8 @@ def calibrate(vit: nn.Module, config: MergeConfig, batches: Sequence[torch.Tenso
     r_max = config.r_max * depth if len(config.r_max) == 1 else config.r_max
     means: list[float] = []
     stds: list[float] = []
-    for k, block in enumerate(blocks):
-        pending = len(blocks) - k
+    for block in blocks:  # blocks 0 .. len - 1: block's statistics follow the earlier ones'
+        pending = len(blocks) - block
         trial = dataclasses.replace(
             config, r_max=tuple(r if i < block else 0 for i, r in enumerate(r_max)),
             redundancy_mean=(*means, *(0.0,) * pending), redundancy_std=(*stds, *(1.0,) * pending))

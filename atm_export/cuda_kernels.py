@@ -38,7 +38,19 @@ class TokenMergeKernelError(RuntimeError):
     """A kernel library call failed; the message carries the library's status and reason."""
 
 
-class Params(ctypes.Structure):
+class _ContractDefaults(ctypes.Structure):
+    """A struct whose fields named in ``_defaulted`` take the contract's defaults when not given
+    (ctypes would zero them, and r_max = 0 is the intensity rule, not "off")."""
+
+    _defaulted: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        positional = {name for name, _ in self._fields_[: len(args)]}
+        defaults = {name: contract.DEFAULTS[name] for name in self._defaulted if name not in positional}
+        super().__init__(*args, **{**defaults, **kwargs})
+
+
+class Params(_ContractDefaults):
     """atm_token_merge_params."""
 
     _fields_ = [
@@ -59,15 +71,11 @@ class Params(ctypes.Structure):
         ("redundancy_scale", ctypes.c_float),
     ]
 
-    def __init__(self, *args, **kwargs):
-        # AdaMerge's fields take the contract's defaults (ctypes would zero them: r_max = 0 is
-        # the intensity rule, not "off").
-        defaults = {name: contract.DEFAULTS[name] for name in _ADAMERGE_FIELDS}
-        named = [name for name, _ in self._fields_[: len(args)]]
-        super().__init__(*args, **{**{k: v for k, v in defaults.items() if k not in named}, **kwargs})
+    _defaulted = ("weighting", "salience_temperature", "r_max", "redundancy_mean", "redundancy_std",
+                  "redundancy_scale")
 
 
-class Attributes(ctypes.Structure):
+class Attributes(_ContractDefaults):
     """atm_token_merge_attributes (fields in contract.Attributes' order).
 
     Fields not given take the contract's defaults, not ctypes' zeros.
@@ -88,14 +96,8 @@ class Attributes(ctypes.Structure):
         ("redundancy_scale", ctypes.c_float),
     ]
 
-    def __init__(self, *args, **kwargs):
-        named = [name for name, _ in self._fields_[: len(args)]]
-        defaults = {name: contract.DEFAULTS[name] for name, _ in self._fields_ if name not in named}
-        super().__init__(*args, **{**defaults, **kwargs})
 
-
-#: The params fields of AdaMerge, which default to the contract's values.
-_ADAMERGE_FIELDS = ("weighting", "salience_temperature", "r_max", "redundancy_mean", "redundancy_std", "redundancy_scale")
+Attributes._defaulted = tuple(name for name, _ in Attributes._fields_)
 
 
 class PluginField(ctypes.Structure):
