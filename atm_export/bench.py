@@ -107,19 +107,19 @@ def speedups(latency: dict[str, dict[int, Timing]], batch: int) -> dict[str, flo
 
 
 def benchmark(bundle, names: list[str], inputs: dict[int, np.ndarray], plan: TimingPlan, *, flops_ratio: float,
-              description: str, schedule: dict | None = None, plugin_library: str | None = None,
+              description: str, schedule: dict | None = None, runtime_options=None,
               on_measured: Callable[[str, Timing], None] | None = None) -> Benchmark:
     """Time every backend of ``names`` on ``bundle`` at every batch of ``inputs``, with the
     speed-ups over each runtime's unmerged model and the merge steps' share of the time.
 
     flops_ratio: baseline GFLOPs / GFLOPs of what the merged models run; description: what
-    was timed, for the report.
+    was timed, for the report; runtime_options: atm_export.backends.RuntimeOptions.
     """
-    from .backends import open_runner
+    from .backends import RuntimeOptions, open_runner
 
     latency: dict[str, dict[int, Timing]] = {}
     for name in names:
-        with open_runner(bundle, name, plugin_library=plugin_library) as runner:
+        with open_runner(bundle, name, runtime_options=runtime_options or RuntimeOptions()) as runner:
             latency.update(time_runners({name: runner}, inputs, plan, on_measured))
     largest = max(inputs)
     speedup = speedups(latency, largest)

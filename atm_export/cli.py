@@ -135,6 +135,21 @@ OVERRIDES = ("policy", "alpha", "beta", "theta_min", "split_layer", "r", "prop_a
              "salience_temperature")
 
 
+def _openvino_options(command):
+    """OpenVINO's device and threads, on every command that opens OpenVINO runners."""
+    command = click.option("--openvino-threads", type=click.IntRange(min=1),
+                           help="OpenVINO: inference threads (default: OpenVINO's, every core).")(command)
+    return click.option("--openvino-device", default="CPU", show_default=True,
+                        help="OpenVINO device: CPU, GPU, NPU, AUTO, HETERO:GPU,CPU, ...")(command)
+
+
+def _backends_option(command):
+    return click.option("--backends", metavar="LIST",
+                        help="Backends to run: a comma list of runtimes (eager, ort, tensorrt, openvino) or backends "
+                             "(e.g. openvino_bf16); a leading '-' leaves one out (--backends=-openvino). Default: every "
+                             "backend available here.")(command)
+
+
 def _overrides(kw: dict) -> dict:
     """Take the merge settings given on the command line out of ``kw``."""
     return {k: kw.pop(k) for k in OVERRIDES}
@@ -188,6 +203,8 @@ def _overrides(kw: dict) -> dict:
 @click.option("--visualize", is_flag=True, help="Draw merge maps of the sample images (merge_maps.png).")
 @click.option("--visualize-blocks", callback=lambda c, p, v: _int_list(v, 1, "expected block numbers of at least 1"),
               help="Blocks after which to draw the merge maps (default: the split layer and the last merge).")
+@_backends_option
+@_openvino_options
 @_verbosity_options
 def export_cmd(model, preset, output, quiet, verbose, **kw):
     """Patch MODEL with ATM, export ONNX, check every backend against eager PyTorch, benchmark, report."""
@@ -207,7 +224,8 @@ def export_cmd(model, preset, output, quiet, verbose, **kw):
               help="Image folder: one subfolder per class (ImageNet validation layout), or a flat folder (no labels).")
 @_merge_setting_options
 @click.option("--backend", default="eager", show_default=True,
-              type=click.Choice(["eager", "ort_portable", "ort_plugin", "tensorrt"]),
+              type=click.Choice(["eager", "ort_portable", "ort_plugin", "tensorrt", "openvino", "openvino_bf16",
+                                 "openvino_fp16"]),
               help="Evaluate an exported artifact (model.onnx, model.plugin.onnx, model.engine) instead of eager PyTorch.")
 @click.option("--artifacts", type=click.Path(file_okay=False),
               help="With --backend: the export's output directory (default: atm-out/MODEL-lossless).")
@@ -218,6 +236,7 @@ def export_cmd(model, preset, output, quiet, verbose, **kw):
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Where eval.json and eval.md go (default: atm-out/MODEL-eval).")
 @click.option("--force", is_flag=True, help="Replace the results of an earlier eval in the output directory.")
 @click.option("--trt-plugin", type=click.Path(dir_okay=False), help="TokenMerge plugin library, with --backend tensorrt.")
+@_openvino_options
 @_verbosity_options
 def eval_cmd(model, preset, output, quiet, verbose, **kw):
     """Accuracy of ATM on MODEL against the unmerged model: top-1/top-5, agreement, GFLOPs, images/s.
@@ -348,16 +367,20 @@ def calibrate_cmd(model, output, quiet, verbose, r_max, intensity_scale, salienc
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Gate: images per batch.")
 @click.option("--limit", type=click.IntRange(min=1), help="Gate: at most N images (a fixed shuffled subset).")
 @click.option("--gate-output", type=click.Path(dir_okay=False), help="Gate: the JSON file (default: DIRECTORY/accuracy_gate.json).")
+@_backends_option
+@_openvino_options
 @_verbosity_options
 def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset, data, min_agreement, max_top1_drop,
-              batch_size, limit, gate_output, quiet, verbose):
+              batch_size, limit, gate_output, backends, openvino_device, openvino_threads, quiet, verbose):
     """Re-validate the artifacts in DIRECTORY against their report and eager PyTorch (for users' CI).
 
     Exit 0: everything matches; 3: an artifact or a figure does not match its report, a backend
     disagrees with eager PyTorch, or (with --data) accuracy falls below the limits; 2: the
     directory or its files cannot be read.
     """
+    from .backends import RuntimeOptions
     from .jobs.check import check_artifacts, open_artifacts
+    from .jobs.common import check_backend_options
     from .jobs.gate import GateOptions, check_preset, run_gate
 
     gate = None
@@ -369,11 +392,13 @@ def check_cmd(directory, weights, strict_parity, atol, rtol, preset_file, preset
         raise UserError("--min-agreement, --max-top1-drop, --limit and --gate-output belong to the accuracy gate: add --data DIR")
     if preset is not None and preset_file is None:
         raise UserError("--preset needs --preset-file (the registry's presets are checked through report.json)")
+    runtime = RuntimeOptions(openvino_device=openvino_device, openvino_threads=openvino_threads)
+    check_backend_options(backends, runtime)
     console = _console(quiet, verbose)
     # read the artifacts and rebuild the model once, when more than the checks need them
     opened = open_artifacts(Path(directory), weights) if preset_file or gate is not None else None
     result = check_artifacts(Path(directory), weights=weights, strict=strict_parity, console=console, atol=atol, rtol=rtol,
-                             more_steps=gate is not None, opened=opened)
+                             more_steps=gate is not None, opened=opened, backends=backends, runtime_options=runtime)
     if preset_file:
         check_preset(*opened, preset_file, preset)
     click.echo(f"{directory}: artifacts match their report{' and ' + preset_file if preset_file else ''}; "

@@ -123,3 +123,17 @@ def shapes_data(tmp_path_factory):
     return {"val": write_folder(root / "val", 40, seed=2_000_001),
             "calib": write_folder(root / "calib", 60, seed=2_000_002),
             "flat": write_folder(root / "flat", 4, seed=2_000_003, labelled=False)}
+
+
+@pytest.fixture(scope="session")
+def bundle(flat_images):
+    """A DeiT-T export bundle (both ONNX flavours and the unmerged baseline) that merges on the
+    flat images, for the runner tests."""
+    from atm_export import MergeConfig, patch_model
+    from atm_export.export.bundle import Bundle
+    from atm_export.export.onnx import export_baseline, export_plugin_flavour, portable_flavour
+
+    atm = patch_model(make_model("deit_tiny"), MergeConfig(alpha=0.99, beta=0.04, theta_min=0.88))
+    plugin = export_plugin_flavour(atm, flat_images[:2])
+    return Bundle(atm=atm, vit=atm.vit, plugin=plugin, portable=portable_flavour(plugin),
+                  baseline=export_baseline(atm.vit, flat_images[:2]))

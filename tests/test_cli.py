@@ -153,6 +153,8 @@ def _not_writable_dir(tmp_path):
     (["deit_t", "--random-init", "--atol", "-1"], "--atol"),
     (["deit_t", "--random-init", "--visualize", "--visualize-blocks", "12"], "[12]: those blocks do not merge"),
     (["deit_t", "--random-init", "--visualize", "--policy", "none"], "merge in no block"),
+    (["deit_t", "--random-init", "--backends", "ort,onnxruntime"], "unknown backend 'onnxruntime' in --backends"),
+    (["deit_t", "--random-init", "--openvino-threads", "0"], "--openvino-threads"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, capsys):
     code, _, err = run_cli([*args, "-q", "-o", str(tmp_path / "o")], capsys)
@@ -249,3 +251,24 @@ def test_visualize_draws_merge_maps_after_the_chosen_blocks(tmp_path, capsys):
     with Image.open(tmp_path / "o" / "merge_maps.png") as img:
         assert img.width > 300 and img.height > 8 * 100  # a row per sample image
     assert "![Merge maps](merge_maps.png)" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_backends_that_cannot_run_here_are_a_mistake_when_asked_for_by_name(tmp_path, capsys):
+    from atm_export.backends import runtime_unavailable
+
+    reason = runtime_unavailable("tensorrt")
+    if reason is None:
+        pytest.skip("TensorRT runs here: asking for it is no mistake")
+    code, _, err = run_cli(["deit_t", "--random-init", "--backends", "tensorrt", "-q", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.strip() == f"atm-export: error: --backends tensorrt: {reason}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_backends_option_leaves_backends_out_of_a_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = run_cli(["deit_t", "--random-init", "-q", "--no-benchmark", "--parity-batches", "2",
+                            "--backends=-openvino,-ort_plugin", "-o", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["parity"]) == {"eager_atm", "ort_portable"}
+    assert report["skipped"]["openvino"] == report["skipped"]["ort_plugin"] == "left out by --backends"

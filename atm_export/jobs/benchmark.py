@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..backends import BASELINES, NAMES, unavailable
+from ..backends import BASELINES, NAMES, follows, unavailable
 from ..console import Console
 from ..export.bundle import Bundle
 from ..images import take_batch
@@ -34,13 +34,14 @@ def run_benchmark(bundle: Bundle, model: Model, flops: Flops, opts, console: Con
             from .export import engine_spec
 
             timed.engine = trt.build_engine_from_model(timed.plugin, engine_spec(opts), opts.trt_plugin)
-    names = [n for n in NAMES if not unavailable(n, timed) and (opts.tensorrt or not n.startswith("tensorrt"))]
+    selected, runtime = opts.selected(), opts.runtime_options()
+    names = [n for n in NAMES if follows(n, selected) and not unavailable(n, timed, runtime)]
     inputs = {b: take_batch(model.batch, b).numpy() for b in opts.bench_batches}
     with console.step(f"benchmark: {len(names)} backends at batch sizes {list(opts.bench_batches)}"):
         with console.progress(len(names) * len(inputs), unit="measurement") as advance:
             result = benchmark(timed, names, inputs, TimingPlan(min_runs=opts.bench_runs, budget_s=opts.bench_time),
                                flops_ratio=flops.baseline / gflops, description=description,
-                               schedule=schedule, plugin_library=opts.trt_plugin,
+                               schedule=schedule, runtime_options=runtime,
                                on_measured=lambda name, t: advance(f"{name} b{t.batch}: {t.p50:.1f} ms (p90 "
                                                                    f"{t.percentile(90):.1f}, {len(t.runs_ms)} runs)"))
         for name, value in result.speedup.items():

@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from .. import contract
+from ..backends import RuntimeOptions
 from ..console import Console
 from ..errors import ArtifactMismatchError, ParityError, UserError
 from ..export.bundle import Bundle
@@ -218,12 +219,14 @@ def _engine(path: Path) -> bytes | None:
 
 def check_artifacts(directory: Path, weights: str | None = None, strict: bool = False, console: Console | None = None,
                     atol: float | None = None, rtol: float | None = None, more_steps: int = 0,
-                    opened: tuple[Report, Bundle] | None = None) -> dict[str, BackendParity]:
+                    opened: tuple[Report, Bundle] | None = None, backends: str | None = None,
+                    runtime_options: RuntimeOptions = RuntimeOptions()) -> dict[str, BackendParity]:
     """Validate the artifacts in ``directory``. Raises ArtifactMismatchError when they or the
     report's figures do not match the report, ParityError on a parity failure. Returns the
     parity results. more_steps: steps the caller runs after these (for the numbering);
-    opened: what ``open_artifacts`` gave, when the caller has it already."""
-    from ..backends import unavailable
+    opened: what ``open_artifacts`` gave, when the caller has it already; backends: which
+    backends to check (--backends; default: every one that can run here)."""
+    from ..backends import select, unavailable
     from ..images import take_batch
     from ..parity import reference_run
 
@@ -250,14 +253,16 @@ def check_artifacts(directory: Path, weights: str | None = None, strict: bool = 
             raise ParityError(f"{notes[0]} (--strict-parity)")
     sizes = sorted({int(b) for p in report.parity.values() for b in p.batches} or {batch.shape[0]})
     refs = [sample_ref if b == batch.shape[0] else reference_run(atm, take_batch(batch, b)) for b in sizes]
-    names = [n for n in ("ort_portable", "ort_plugin", "tensorrt") if not unavailable(n, bundle)]
-    if bundle.engine is not None and "tensorrt" not in names:
+    selected = select(backends)
+    names = [n for n in selected if n != "eager_atm" and not unavailable(n, bundle, runtime_options)]
+    if bundle.engine is not None and "tensorrt" in selected and "tensorrt" not in names:
         console.note(f"model.engine not checked: {unavailable('tensorrt', bundle)}")
     precisions = {"tensorrt": (report.tensorrt or {}).get("precision", "fp32")}
-    options = dict(strict=strict, atol=atol, rtol=rtol, precisions=precisions)
+    options = dict(strict=strict, atol=atol, rtol=rtol, precisions=precisions, runtime_options=runtime_options)
     results = check_parity(bundle, names, refs, console, **options)
     if bundle.static is not None:
-        results.update(check_static_parity(bundle.static, [torch.from_numpy(r.images) for r in refs], console, **options))
+        results.update(check_static_parity(bundle.static, [torch.from_numpy(r.images) for r in refs], console,
+                                           selected=selected, **options))
     failed = [n for n, r in results.items() if r.fails_run]
     if failed:
         worst = results[failed[0]]

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..backends import open_runner
+from ..backends import RuntimeOptions, open_runner, precision_of, runtime_unavailable, select
 from ..console import Console
 from ..errors import UserError
 from ..flops import ViTDims, baseline_gflops, run_gflops
 from ..images import builtin_images, load_images, preprocess, require_finite
-from ..parity import Reference, check_backend, ort_extra_checks, tolerance_for
+from ..parity import Reference, check_backend, settling_checks, tolerance_for
 from ..patch import ATMVisionTransformer
 from ..registry import ModelEntry
 from ..report.model import BackendParity, Flops, ModelInfo, Tokens, load_section
@@ -25,6 +25,41 @@ from ..settings import Settings
 from ..weights import WeightsInfo
 
 FLOPS_CONVENTION = "multiply-adds, fvcore-style; LayerNorm 2 per element (docs/flops.md)"
+
+
+@dataclass(kw_only=True)
+class RuntimeChoices:
+    """The options of the runtimes a job opens, shared by the jobs' option classes (keyword-only,
+    so they follow each job's own fields)."""
+
+    trt_plugin: str | None = None  # the TokenMerge plugin library; None: the one build-plugin built
+    openvino_device: str = "CPU"
+    openvino_threads: int | None = None  # None: OpenVINO's default (every core)
+
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(self.trt_plugin, self.openvino_device, self.openvino_threads)
+
+
+def check_backend_options(spec: str | None, runtime: RuntimeOptions) -> None:
+    """UserError for a --backends naming what does not exist, or only what cannot run here (a
+    runtime that is not installed: asked for by name, it is a mistake, not a skip), and for
+    OpenVINO options naming a device OpenVINO does not have."""
+    from ..backends.openvino import DEFAULT_DEVICE, device_problem
+
+    try:
+        select(spec)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for token in (t.strip() for t in (spec or "").split(",")):
+        if not token or token.startswith("-") or token == "all":
+            continue
+        reasons = [runtime_unavailable(n, runtime) for n in select(token)]
+        if all(reasons):
+            raise UserError(f"--backends {token}: {reasons[0]}")
+    if runtime.openvino_device != DEFAULT_DEVICE or runtime.openvino_threads is not None:
+        problem = device_problem(runtime.openvino_device)
+        if problem:
+            raise UserError(f"--openvino-device {runtime.openvino_device}: {problem}")
 
 
 @dataclass
@@ -94,42 +129,72 @@ def model_info(entry: ModelEntry) -> ModelInfo:
     return ModelInfo(entry.display_name, entry.timm_name, dict(entry.timm_kwargs), entry.paper_model)
 
 
+#: The CPU features that decide which kernels and precisions CPU runtimes can use.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and which of CPU_FLAGS it has (Linux: /proc/cpuinfo; else empty)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def environment() -> dict:
     import onnx
     import onnxruntime
     import timm
 
+    from ..backends.openvino import version as openvino_version
+
     return {"atm_export": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "timm": timm.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "openvino": openvino_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), **cpu_info(),
             "cpu_threads": torch.get_num_threads()}
 
 
 def check_parity(bundle, names: list[str], refs: list[Reference], console: Console, *, strict: bool = False,
                  atol: float | None = None, rtol: float | None = None,
-                 precisions: dict[str, str] | None = None, plugin_library: str | None = None,
+                 precisions: dict[str, str] | None = None, runtime_options: RuntimeOptions = RuntimeOptions(),
                  against: str = "eager PyTorch") -> dict[str, BackendParity]:
     """Every backend of ``names`` against the eager references (one step, a note per backend;
     ``against`` names the references in the step's title).
 
-    The ONNX Runtime backends also get the replay and lowering checks (atm_export.parity).
-    atol, rtol: replace the default tolerance of each backend's precision when given.
+    The ONNX Runtime backends and OpenVINO at fp32 also get the replay and lowering checks
+    (atm_export.parity).
+    precisions: the precision of backends whose precision a run chooses (TensorRT); OpenVINO's
+    backends have theirs in their names, the others are fp32. atol, rtol: replace the default
+    tolerance of each backend's precision when given.
     """
     extra = {}
     if bundle.plugin is not None:
-        extra = ort_extra_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans),
-                                 bundle.portable, tolerance_for("fp32", atol, rtol))
+        openvino_step = None
+        if "openvino" in names:
+            from functools import partial
+
+            from ..backends.openvino import run_step
+
+            openvino_step = partial(run_step, device=runtime_options.openvino_device)
+        extra = settling_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans),
+                                bundle.portable, tolerance_for("fp32", atol, rtol), openvino_step)
     results = {}
     sizes = [r.images.shape[0] for r in refs]
     with console.step(f"parity against {against} at batch sizes {sizes}: {', '.join(names)}"):
         for name in names:
-            precision = (precisions or {}).get(name, "fp32")
+            precision = (precisions or {}).get(name) or precision_of(name) or "fp32"
             tol = tolerance_for(precision, atol, rtol)
-            with open_runner(bundle, name, plugin_library=plugin_library) as runner:
+            with open_runner(bundle, name, runtime_options=runtime_options) as runner:
                 result = check_backend(runner, refs, precision, strict, extra.get(name), tol)
             results[name] = parity = load_section(BackendParity, result)
             ratio = "-" if parity.max_error_ratio is None else f"{parity.max_error_ratio:.2g}"
-            console.note(f"{name}: {parity.status}; max abs diff {parity.max_abs_diff or 0:.3g} ({ratio} of atol "
+            diff = "-" if parity.max_abs_diff is None else f"{parity.max_abs_diff:.3g}"
+            console.note(f"{name}: {parity.status}; max abs diff {diff} ({ratio} of atol "
                          f"{tol.atol:g} + rtol {tol.rtol:g}), top-1 agreement {parity.top1_agreement}, token counts "
                          f"equal {parity.token_counts_equal}")
             for note in parity.notes:
@@ -137,16 +202,17 @@ def check_parity(bundle, names: list[str], refs: list[Reference], console: Conso
     return results
 
 
-def check_static_parity(static, batches: list[torch.Tensor], console: Console, *, tensorrt: bool = True,
-                        **options) -> dict[str, BackendParity]:
+def check_static_parity(static, batches: list[torch.Tensor], console: Console, *,
+                        selected: tuple[str, ...] | None = None, **options) -> dict[str, BackendParity]:
     """Parity of the static-schedule models (a bundle's ``static``) against the eager model that
-    replays their schedule, on ``batches``; keyed ``<backend>_static``. tensorrt=False leaves
-    the engine out; ``options``: those of ``check_parity``."""
+    replays their schedule, on ``batches``; keyed ``<backend>_static``. selected: the backends
+    to check (default: every one available); ``options``: those of ``check_parity``."""
     from ..backends import unavailable
     from ..parity import reference_run
 
-    names = [n for n in ("ort_portable", "ort_plugin", "tensorrt")
-             if unavailable(n, static) is None and (tensorrt or n != "tensorrt")]
+    runtime = options.get("runtime_options", RuntimeOptions())
+    names = [n for n in ("ort_portable", "ort_plugin", "tensorrt", "openvino")
+             if unavailable(n, static, runtime) is None and (selected is None or n in selected)]
     refs = [reference_run(static.atm, b) for b in batches]
     results = check_parity(static, names, refs, console, against="the eager replay of the static schedule", **options)
     return {f"{name}_static": result for name, result in results.items()}

@@ -24,7 +24,7 @@ from ..registry import ModelEntry, resolve_model
 from ..report.accuracy import EVAL_SCHEMA_VERSION, EvalReport, SettingResult, eval_markdown
 from ..settings import FIXED_POLICIES, Settings, resolve_settings
 from ..weights import create_model
-from .common import created, environment, model_info, run_params
+from .common import RuntimeChoices, created, environment, model_info, run_params
 
 #: The default batch size. The paper evaluates at 1024 (its Table A1 finds accuracy insensitive
 #: to the batch size); 256 keeps a ViT-B batch within a few GB on a CPU machine.
@@ -33,11 +33,12 @@ EVAL_FILES = ("eval.json", "eval.md", "eval.png")
 UNMERGED = "unmerged"
 EAGER = "eager"
 #: Backends that can evaluate an exported artifact, and the artifact each needs.
-EXPORTED_BACKENDS = {"ort_portable": "model.onnx", "ort_plugin": "model.plugin.onnx", "tensorrt": "model.engine"}
+EXPORTED_BACKENDS = {"ort_portable": "model.onnx", "ort_plugin": "model.plugin.onnx", "tensorrt": "model.engine",
+                     "openvino": "model.onnx", "openvino_bf16": "model.onnx", "openvino_fp16": "model.onnx"}
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(RuntimeChoices):
     model: str
     data: str
     output: Path
@@ -52,7 +53,6 @@ class EvalOptions:
     limit: int | None = None
     workers: int = 0
     force: bool = False
-    trt_plugin: str | None = None
 
 
 @dataclass
@@ -166,7 +166,7 @@ def check_eval_options(opts: EvalOptions) -> None:
     if opts.backend != EAGER and opts.backend not in EXPORTED_BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r}; choose eager or one of {', '.join(EXPORTED_BACKENDS)}")
     if opts.backend == EAGER and opts.artifacts:
-        raise UserError("--artifacts is read with --backend (ort_portable, ort_plugin or tensorrt)")
+        raise UserError(f"--artifacts is read with --backend ({', '.join(EXPORTED_BACKENDS)})")
     if opts.backend != EAGER:
         given = [k for k, v in opts.overrides.items() if v is not None]
         if opts.presets or opts.preset_file or given or opts.random_init:
@@ -189,10 +189,10 @@ def exported_candidate(opts: EvalOptions, stack) -> tuple[ModelEntry, object, di
                         f"not of {opts.model}")
     if opts.backend == "tensorrt" and bundle.engine is None:
         raise UserError(f"{directory} holds no model.engine (TensorRT was not available when it was exported)")
-    reason = unavailable(opts.backend, bundle)
+    reason = unavailable(opts.backend, bundle, opts.runtime_options())
     if reason:
         raise UserError(f"--backend {opts.backend}: {reason}")
-    runner = stack.enter_context(open_runner(bundle, opts.backend, plugin_library=opts.trt_plugin))
+    runner = stack.enter_context(open_runner(bundle, opts.backend, runtime_options=opts.runtime_options()))
     name = report.settings.preset or "artifacts"
     candidate = Candidate(f"{name} ({EXPORTED_BACKENDS[opts.backend]})", A.exported(runner, bundle.atm),
                           report.settings.params, opts.backend)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import ArtifactWriter, open_output
-from ..backends import MERGED, STATIC, unavailable
+from ..backends import SELECTABLE, select, unavailable
 from ..console import Console
 from ..errors import ParityError, UserError
 from ..calibration import calibrated_settings
@@ -26,12 +26,12 @@ from ..report.model import Flops, Report
 from ..settings import Settings, settings_for
 from ..weights import create_model
 from .benchmark import run_benchmark
-from .common import Model, check_parity, check_static_parity, deployment_info, run_flops, run_params, sample_batch
+from .common import Model, RuntimeChoices, check_backend_options, check_parity, check_static_parity, deployment_info, run_flops, run_params, sample_batch
 from .outputs import build_report, merge_map_blocks, write_report
 
 
 @dataclass
-class JobOptions:
+class JobOptions(RuntimeChoices):
     model: str
     output: Path
     preset: str | None = None
@@ -58,13 +58,17 @@ class JobOptions:
     triton_max_batch: int | None = None  # Triton's max_batch_size for ONNX Runtime models (default: the engine's)
     tensorrt: bool = True
     trt_precision: str = "fp32"
-    trt_plugin: str | None = None
     trt_min_batch: int | None = None  # the engine's batch range; None: from the batches this run uses
     trt_opt_batch: int | None = None
     trt_max_batch: int | None = None
     trt_timing_cache: str | None = None  # None: the default file; "none": no timing cache
     visualize: bool = False
     visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
+    backends: str | None = None  # --backends: which backends run (atm_export.backends.select); None: all
+
+    def selected(self) -> tuple[str, ...]:
+        """The merged backends this run may use (--backends, less tensorrt under --no-tensorrt)."""
+        return tuple(n for n in select(self.backends) if self.tensorrt or n != "tensorrt")
 
 
 def run_job(opts: JobOptions, console: Console | None = None) -> Report:
@@ -87,11 +91,11 @@ def run_job(opts: JobOptions, console: Console | None = None) -> Report:
         batches = parity_batches(model.batch, opts)
         refs = [sample_ref] + [reference_run(model.atm, b) for b in batches[1:]]
         parity_options = dict(strict=opts.strict_parity, atol=opts.atol, rtol=opts.rtol,
-                              precisions={"tensorrt": opts.trt_precision}, plugin_library=opts.trt_plugin)
+                              precisions={"tensorrt": opts.trt_precision}, runtime_options=opts.runtime_options())
         parity = check_parity(bundle, names, refs, console, **parity_options)
         if bundle.static is not None:
             parity.update(check_static_parity(bundle.static, batches, console,
-                                              tensorrt=opts.tensorrt, **parity_options))
+                                              selected=opts.selected(), **parity_options))
         benchmark = run_benchmark(bundle, model, flops, opts, console) if opts.benchmark else None
         if not opts.benchmark:
             skipped["benchmark"] = "not requested (--no-benchmark)"
@@ -143,6 +147,7 @@ def check_options(opts: JobOptions) -> tuple[ModelEntry, Settings, bool]:
         raise UserError("--bench-runs must be at least 1 and --bench-time not negative")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    check_backend_options(opts.backends, opts.runtime_options())
     if opts.export and opts.tensorrt:
         engine_batches(opts)  # a bad batch range fails now, even where no engine can be built here
     engines = opts.export and opts.tensorrt and unavailable_reason() is None
@@ -363,7 +368,9 @@ def write_triton(bundle: Bundle, opts: JobOptions, skipped: dict, console: Conso
     spec = engine_spec(opts) if opts.tensorrt else None
     max_batch = opts.triton_max_batch or engine_batches(opts)[2]
     with console.step(f"writing the Triton model repository {opts.triton}"):
-        repo = triton.write_repository(opts.triton, triton.bundle_flavours(bundle, spec), max_batch_size=max_batch,
+        openvino = "openvino" in opts.selected()  # Triton's OpenVINO backend serves model.onnx; nothing to install here
+        repo = triton.write_repository(opts.triton, triton.bundle_flavours(bundle, spec, openvino=openvino),
+                                       max_batch_size=max_batch,
                                        plugin_library=opts.trt_plugin, force=opts.force)
         for name, reason in repo.skipped.items():
             skipped[f"triton {name}"] = reason
@@ -374,9 +381,14 @@ def write_triton(bundle: Bundle, opts: JobOptions, skipped: dict, console: Conso
 def compared_backends(bundle: Bundle, opts: JobOptions, skipped: dict) -> list[str]:
     """The merged backends this run compares with eager PyTorch; the others go to ``skipped``
     with the reason (those that need ONNX are covered by skipped["onnx"] under --no-onnx)."""
-    names = []
-    for name in (n for n in MERGED if n not in STATIC):
-        reason = "not requested (--no-tensorrt)" if name == "tensorrt" and not opts.tensorrt else unavailable(name, bundle)
+    names, selected = [], opts.selected()
+    for name in SELECTABLE:
+        if name == "tensorrt" and not opts.tensorrt:
+            reason = "not requested (--no-tensorrt)"
+        elif name not in selected:
+            reason = "left out by --backends"
+        else:
+            reason = unavailable(name, bundle, opts.runtime_options())
         if reason is None:
             names.append(name)
         elif opts.export or name == "tensorrt":

@@ -73,6 +73,8 @@ class ParityBatch:
     note: str | None = None
     settled: bool = False  # inconclusive free run, settled by the extra checks
     checks: dict = field(default_factory=dict)  # replay / lowering / integrity findings
+    # per block whose token count differs: both counts, the deciding block and eager's margin there
+    moved_decisions: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -162,11 +164,16 @@ class Report:
         return _finite(dataclasses.asdict(self))
 
     def overall_status(self) -> str:
-        """failed if a backend failed the run, inconclusive if one is, else passed."""
+        """failed if a backend failed the run, inconclusive if an fp32 one is, else passed.
+
+        A reduced-precision backend (fp16, bf16) is inconclusive when its rounding moved a merge
+        decision within its reach; its own status and notes say so, but it does not make the run
+        inconclusive: that is what reduced precision does, not a doubt about the export."""
         statuses = [p.status for p in self.parity.values()]
         if any(p.fails_run for p in self.parity.values()) or FAILED in statuses:
             return FAILED
-        return INCONCLUSIVE if INCONCLUSIVE in statuses else PASSED
+        fp32 = [p.status for p in self.parity.values() if p.precision == "fp32"]
+        return INCONCLUSIVE if INCONCLUSIVE in fp32 else PASSED
 
 
 def _finite(value):

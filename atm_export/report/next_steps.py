@@ -26,6 +26,7 @@ def next_steps(report: Report, directory: Path, plugin_library: str | None) -> l
         lines += _tensorrt(report, d, plugin_library)
     if "model.onnx" in report.artifacts:
         lines += _onnx_runtime(report, d)
+        lines += _openvino(report, d)
     if report.triton:
         repo = shlex.quote(report.triton["path"])
         lines += ["", "### Triton Inference Server", "",
@@ -143,6 +144,25 @@ def _onnx_runtime(report: Report, d: Path) -> list[str]:
             'images = transform(Image.open("photo.jpg").convert("RGB"))[None].numpy()',
             f'session = ort.InferenceSession("{d}/model.onnx")',
             'logits, tokens_per_layer = session.run(None, {"images": images})',
+            "```"]
+
+
+def _openvino(report: Report, d: Path) -> list[str]:
+    """OpenVINO on ``model.onnx``, at the precision the run found best checked (bf16 where it ran)."""
+    bf16 = "openvino_bf16" in report.parity
+    hint = "bf16" if bf16 else "f32"
+    why = ("bf16 where the CPU has it (what `openvino_bf16` in this report ran; see its parity notes), or \"f32\" "
+           "for fp32's figures" if bf16 else "\"f32\" pins fp32: OpenVINO's CPU default is bf16 wherever the CPU has it")
+    return ["", "### OpenVINO", "",
+            "OpenVINO reads `model.onnx` as it is, data-dependent token counts included (`pip install "
+            "'atm-export[openvino]'`; preprocess the images as for ONNX Runtime above). INFERENCE_PRECISION_HINT: "
+            f"{why}.", "", "```python",
+            "import openvino as ov",
+            "",
+            "core = ov.Core()",
+            f'compiled = core.compile_model("{d}/model.onnx", "CPU", {{"INFERENCE_PRECISION_HINT": "{hint}"}})',
+            "result = compiled.create_infer_request().infer({\"images\": images})",
+            'logits, tokens_per_layer = result["logits"], result["tokens_per_layer"]',
             "```"]
 
 

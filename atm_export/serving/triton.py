@@ -9,17 +9,21 @@
       atm_vit_onnx/1/model.onnx
       atm_vit_trt/config.pbtxt          TensorRT backend, a plan built from the plugin graph
       atm_vit_trt/1/model.plan
+      atm_vit_openvino/config.pbtxt     OpenVINO backend (CPU), the portable graph (``openvino=True``)
+      atm_vit_openvino/1/model.onnx
 
 Triton takes every subdirectory of a repository for a model, so the plugin library and the
 README are files at the top level. Each flavour is a :class:`Flavour` (a model name, an ONNX
-graph, and an :class:`~atm_export.backends.tensorrt.EngineSpec` for a TensorRT plan), so that
-further variants (the static-schedule models) are further entries of the same list.
+graph, and an :class:`~atm_export.backends.tensorrt.EngineSpec` for a TensorRT plan, or
+``openvino=True`` for the OpenVINO backend), so that further variants (the static-schedule
+models) are further entries of the same list.
 
 Triton batching needs every input and output to lead with the batch dimension when
 ``max_batch_size > 0``; the exported ``tokens_per_layer`` is ``[depth]`` (one vector for the
 whole batch), so each served graph goes through :func:`with_batched_outputs` first, which
 repeats it per row (``[B, depth]``). A TensorRT plan is built from that transformed graph,
-never taken from ``model.engine`` (whose output has no batch dimension).
+never taken from ``model.engine`` (whose output has no batch dimension). The OpenVINO model is
+the exception to Triton batching: ``max_batch_size: 0``, each request run as sent (see RUNTIMES).
 
 Configs are ``inference.ModelConfig`` protobuf messages (tritonclient ships the compiled
 schema; ``pip install 'atm-export[triton]'``) written in protobuf text format, and
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
 
 ONNX_MODEL = "atm_vit_onnx"
 TRT_MODEL = "atm_vit_trt"
+OPENVINO_MODEL = "atm_vit_openvino"
 VERSION = "1"
 CONFIG = "config.pbtxt"
 README = "README.md"
@@ -61,19 +66,29 @@ BATCH_PREFIX = "triton_batch"
 
 @dataclass(frozen=True)
 class Runtime:
-    """How Triton runs one kind of model: the config field naming it, the file it loads, the
-    instance kind it runs on."""
+    """How Triton runs one kind of model: the config field naming it, the file written, the
+    instance kind it runs on, its name in messages. batched: whether Triton may batch requests
+    for it (max_batch_size > 0); default_file: what the backend loads when the config names no
+    default_model_filename, where that is not ``filename``."""
 
     field: str
     value: str
     filename: str
     instance_kind: str
+    title: str
+    batched: bool = True
+    default_file: str | None = None
 
 
 RUNTIMES = {
     # KIND_AUTO: the GPU where Triton has one, else the CPU (the portable graph runs on both)
-    "onnxruntime": Runtime("backend", "onnxruntime", "model.onnx", "KIND_AUTO"),
-    "tensorrt": Runtime("platform", "tensorrt_plan", "model.plan", "KIND_GPU"),
+    "onnxruntime": Runtime("backend", "onnxruntime", "model.onnx", "KIND_AUTO", "ONNX Runtime"),
+    "tensorrt": Runtime("platform", "tensorrt_plan", "model.plan", "KIND_GPU", "TensorRT"),
+    # Not batched: with max_batch_size > 0 the backend fixes the model's batch to it (ov::set_batch) and refuses
+    # smaller batches, or pads them with zero images (ENABLE_BATCH_PADDING) that would join ATM's merge counts.
+    # Source: github.com/triton-inference-server/openvino_backend src/openvino.cc (ValidateInputs, ReadModel)
+    "openvino": Runtime("backend", "openvino", "model.onnx", "KIND_CPU", "OpenVINO", batched=False,
+                        default_file="model.xml"),
 }
 #: The other spellings Triton accepts in a config, for reading configs written elsewhere.
 _RUNTIME_ALIASES = {("platform", "onnxruntime_onnx"): "onnxruntime", ("backend", "tensorrt"): "tensorrt"}
@@ -82,6 +97,18 @@ _RUNTIME_ALIASES = {("platform", "onnxruntime_onnx"): "onnxruntime", ("backend",
 _DATA_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.DOUBLE: "TYPE_FP64",
                TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.UINT8: "TYPE_UINT8",
                TensorProto.BOOL: "TYPE_BOOL"}
+
+#: The config parameters Triton's OpenVINO backend reads, with the values it accepts (any case); it
+#: ignores other keys, so a misspelt one would go unnoticed. HINT_BF16 is its only precision setting.
+#: Source: github.com/triton-inference-server/openvino_backend src/openvino.cc (ParseParameters*)
+OPENVINO_PARAMETERS = {
+    "PERFORMANCE_HINT": "latency|throughput|cumulative_throughput", "NUM_STREAMS": r"auto|numa|\d+",
+    "INFERENCE_NUM_THREADS": r"\d+", "COMPILATION_NUM_THREADS": r"\d+", "HINT_BF16": "yes",
+    "CPU_EXTENSION_PATH": ".+", "TARGET_DEVICE": ".+",
+    "SKIP_OV_DYNAMIC_BATCHSIZE": ".*", "ENABLE_BATCH_PADDING": ".*", "RESHAPE_IO_LAYERS": ".*",  # on with "yes"
+}
+#: The inference precisions an OpenVINO model can be written for.
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -92,15 +119,28 @@ class Flavour:
     a path), with ``tokens_per_layer`` as exported; engine: None serves the graph with ONNX
     Runtime (it must hold standard ops only: the portable ``model.onnx``); an ``EngineSpec``
     builds a TensorRT plan from the graph (the plugin flavour) with that batch profile.
+    openvino: serve the (portable) graph with Triton's OpenVINO backend instead, at
+    ``precision`` (fp32 or bf16; docs/serving.md says what the backend can pin).
     """
 
     name: str
     model: "onnx.ModelProto | str | Path"
     engine: "EngineSpec | None" = None
+    openvino: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.openvino and self.engine is not None:
+            raise ValueError(f"Triton model {self.name}: a TensorRT engine spec and openvino=True exclude each other")
+        if self.precision not in OPENVINO_PRECISIONS or (self.precision != "fp32" and not self.openvino):
+            raise UserError(f"Triton model {self.name}: precision {self.precision!r}: an OpenVINO model takes one of "
+                            f"{OPENVINO_PRECISIONS}, other models fp32 (a TensorRT plan takes its engine spec's)")
 
     @property
     def runtime(self) -> str:
-        return "onnxruntime" if self.engine is None else "tensorrt"
+        if self.engine is not None:
+            return "tensorrt"
+        return "openvino" if self.openvino else "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -129,16 +169,20 @@ class Repository:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def bundle_flavours(bundle, engine_spec: "EngineSpec | None") -> list[Flavour]:
+def bundle_flavours(bundle, engine_spec: "EngineSpec | None", *, openvino: bool = False,
+                    precision: str = "fp32") -> list[Flavour]:
     """The Triton models of a run's ``atm_export.export.bundle.Bundle``: its portable graph on
-    ONNX Runtime and, with ``engine_spec``, a TensorRT plan of its plugin graph; the same again
-    for its static-schedule models (``bundle.static``, where the run made them)."""
+    ONNX Runtime, with ``openvino`` on OpenVINO as well (at ``precision``), and, with
+    ``engine_spec``, a TensorRT plan of its plugin graph; the same again for its static-schedule
+    models (``bundle.static``, where the run made them)."""
     flavours = []
     for prefix, models in (("atm_vit", bundle), ("atm_vit_static", getattr(bundle, "static", None))):
         if models is None:
             continue
         if models.portable is not None:
             flavours.append(Flavour(f"{prefix}_onnx", models.portable))
+            if openvino:
+                flavours.append(Flavour(f"{prefix}_openvino", models.portable, openvino=True, precision=precision))
         if models.plugin is not None and engine_spec is not None:
             flavours.append(Flavour(f"{prefix}_trt", models.plugin, engine_spec))
     return flavours
@@ -242,9 +286,22 @@ def triton_data_type(value: onnx.ValueInfoProto) -> str:
     return _DATA_TYPES[elem]
 
 
-def model_config(name: str, graph: onnx.ModelProto, runtime: str, max_batch_size: int, batching: Batching):
+def openvino_parameters(precision: str, instances: int) -> dict[str, str]:
+    """The parameters of an OpenVINO model: one stream per model instance (the backend compiles
+    the model once for all instances, and OpenVINO's default, one stream, would run their
+    requests one after another) and, for bf16, HINT_BF16. The backend has no way to ask for
+    f32, so fp32 adds nothing (docs/serving.md)."""
+    parameters = {"NUM_STREAMS": str(instances)}
+    if precision == "bf16":
+        parameters["HINT_BF16"] = "YES"
+    return parameters
+
+
+def model_config(name: str, graph: onnx.ModelProto, runtime: str, max_batch_size: int, batching: Batching,
+                 parameters: Mapping[str, str] | None = None):
     """The ``inference.ModelConfig`` of one model: I/O from the graph (without the batch
-    dimension when max_batch_size > 0), the runtime, dynamic batching, one instance group."""
+    dimension when max_batch_size > 0), the runtime, dynamic batching, one instance group, the
+    backend's ``parameters``."""
     pb = _model_config_pb2()
     rt = RUNTIMES[runtime]
     config = pb.ModelConfig(name=name, max_batch_size=max_batch_size, default_model_filename=rt.filename)
@@ -258,6 +315,8 @@ def model_config(name: str, graph: onnx.ModelProto, runtime: str, max_batch_size
         config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
         config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
     config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(rt.instance_kind), count=batching.instances)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     return config
 
 
@@ -300,13 +359,34 @@ def has_token_merge(graph: onnx.ModelProto) -> bool:
 
 
 def runtime_problems(runtime: str, graph: onnx.ModelProto) -> list[str]:
-    """Why ``graph`` cannot be served on ``runtime``: Triton's ONNX Runtime backend has no
-    TokenMerge kernel, so it needs the portable (lowered) graph."""
+    """Why ``graph`` cannot be served on ``runtime``: only TensorRT (with the plugin) has a
+    TokenMerge kernel, so Triton's ONNX Runtime and OpenVINO backends need the portable
+    (lowered) graph."""
     merges = sum(contract.is_token_merge(n) for n in graph.graph.node)
-    if runtime == "onnxruntime" and merges:
-        return [f"the graph has {merges} {contract.OP_TYPE} nodes, which Triton's ONNX Runtime backend cannot run: "
-                "serve the portable model.onnx, or build a TensorRT plan from the plugin graph"]
+    if runtime != "tensorrt" and merges:
+        return [f"the graph has {merges} {contract.OP_TYPE} nodes, which Triton's {RUNTIMES[runtime].title} backend "
+                "cannot run: serve the portable model.onnx, or build a TensorRT plan from the plugin graph"]
     return []
+
+
+def backend_problems(runtime: str, config) -> list[str]:
+    """What the runtime's backend would refuse in a config, or run otherwise than ATM needs:
+    batching where the backend fixes the batch (RUNTIMES), OpenVINO parameters it does not read
+    or does not accept."""
+    problems = []
+    if not RUNTIMES[runtime].batched and config.max_batch_size > 0:
+        problems.append(f"max_batch_size {config.max_batch_size}: Triton's {RUNTIMES[runtime].title} backend would fix "
+                        "the batch to it, refusing smaller batches or padding them with zero images that change "
+                        "ATM's merge counts; use 0 (each request runs as sent)")
+    if runtime == "openvino":
+        for key, value in sorted(config.parameters.items()):
+            accepted = OPENVINO_PARAMETERS.get(key)
+            if accepted is None:
+                problems.append(f"parameter {key} is not one the OpenVINO backend reads (it would be ignored)")
+            elif not re.fullmatch(accepted, value.string_value, re.IGNORECASE):
+                problems.append(f"parameter {key}: the OpenVINO backend accepts {accepted}, "
+                                f"not {value.string_value!r}")
+    return problems
 
 
 def io_problems(config, graph: onnx.ModelProto) -> list[str]:
@@ -353,8 +433,9 @@ def _runtime_of(config) -> str | None:
 
 def model_problems(model_dir: Path, graph: onnx.ModelProto | None = None) -> list[str]:
     """Check one model directory: its config parses into ModelConfig, names this directory and
-    a known runtime, its model file exists, and its I/O and batch settings agree with the graph
-    (the directory's model.onnx, or ``graph`` for a plan, whose I/O cannot be read without TensorRT)."""
+    a known runtime, its model file exists, its I/O and batch settings agree with the graph
+    (the directory's model.onnx, or ``graph`` for a plan, whose I/O cannot be read without
+    TensorRT), and the backend takes its settings (:func:`backend_problems`)."""
     from google.protobuf import text_format
 
     path = model_dir / CONFIG
@@ -368,14 +449,15 @@ def model_problems(model_dir: Path, graph: onnx.ModelProto | None = None) -> lis
     runtime = _runtime_of(config)
     if runtime is None:
         return problems + [f"unknown platform/backend {config.platform or config.backend!r}"]
-    model_file = model_dir / VERSION / (config.default_model_filename or RUNTIMES[runtime].filename)
+    rt = RUNTIMES[runtime]
+    model_file = model_dir / VERSION / (config.default_model_filename or rt.default_file or rt.filename)
     if not model_file.is_file():
         return problems + [f"no model file {model_file.relative_to(model_dir)}"]
-    if graph is None and runtime == "onnxruntime":
+    if graph is None and model_file.suffix == ".onnx":
         graph = onnx.load(str(model_file))
     dynamic = config.WhichOneof("scheduling_choice") == "dynamic_batching"
     batching = Batching(dynamic=dynamic, preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size))
-    problems += settings_problems(config.max_batch_size, batching)
+    problems += settings_problems(config.max_batch_size, batching) + backend_problems(runtime, config)
     if graph is not None:
         problems += runtime_problems(runtime, graph) + io_problems(config, graph)
     needs_plugin = graph is None or has_token_merge(graph)
@@ -388,7 +470,8 @@ def check_repository(root: str | Path, graphs: Mapping[str, onnx.ModelProto] | N
     """Problems of a Triton repository, each prefixed with its model's name; [] when consistent.
 
     graphs: per model name, the ONNX graph a plan was built from (a plan's inputs and outputs
-    cannot be read without TensorRT); ONNX Runtime models are checked against their own file.
+    cannot be read without TensorRT); ONNX Runtime and OpenVINO models are checked against their
+    own file.
     """
     root = Path(root)
     graphs = graphs or {}
@@ -405,13 +488,16 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 @dataclass(frozen=True)
 class _Model:
-    """A model ready to be written: its served graph, the file's bytes, its batch limit."""
+    """A model ready to be written: its served graph, the file's bytes, its batch settings, its
+    backend parameters."""
 
     name: str
     runtime: str
     graph: onnx.ModelProto
     payload: bytes
     max_batch_size: int
+    batching: Batching
+    parameters: dict[str, str] = field(default_factory=dict)
 
 
 def _load(model: "onnx.ModelProto | str | Path") -> onnx.ModelProto:
@@ -427,19 +513,25 @@ def _tensorrt_unavailable(graph: onnx.ModelProto, plugin_library: Path | None) -
     return reason
 
 
-def _max_batch(flavour: Flavour, max_batch_size: int) -> int:
-    """A TensorRT model takes its engine profile's limit; an ONNX Runtime model the given one."""
-    return max_batch_size if flavour.engine is None else flavour.engine.max_batch
+def _served(flavour: Flavour, max_batch_size: int, batching: Batching) -> tuple[int, Batching]:
+    """A model's batch limit and scheduling: a TensorRT model takes its engine profile's limit,
+    an ONNX Runtime model the given one; a model Triton must not batch (OpenVINO) gets 0 and
+    no batcher, so that each request runs as sent."""
+    if not RUNTIMES[flavour.runtime].batched:
+        return 0, replace(batching, dynamic=False, preferred_batch_sizes=(), max_queue_delay_us=0)
+    return (max_batch_size if flavour.engine is None else flavour.engine.max_batch), batching
 
 
-def _prepare(flavour: Flavour, max_batch_size: int, plugin_library: Path | None) -> _Model | str:
+def _prepare(flavour: Flavour, max_batch_size: int, batching: Batching, plugin_library: Path | None) -> _Model | str:
     """The model to write for ``flavour``, or why it is left out."""
     graph = with_batched_outputs(_load(flavour.model))
     problems = runtime_problems(flavour.runtime, graph)
     if problems:
         raise UserError(f"Triton model {flavour.name}: {problems[0]}")
-    if flavour.engine is None:
-        return _Model(flavour.name, "onnxruntime", graph, graph.SerializeToString(), max_batch_size)
+    served = _served(flavour, max_batch_size, batching)
+    if flavour.engine is None:  # the graph itself is the model file (ONNX Runtime, OpenVINO)
+        parameters = openvino_parameters(flavour.precision, batching.instances) if flavour.openvino else {}
+        return _Model(flavour.name, flavour.runtime, graph, graph.SerializeToString(), *served, parameters)
     reason = _tensorrt_unavailable(graph, plugin_library)
     if reason is not None:
         return reason
@@ -447,7 +539,7 @@ def _prepare(flavour: Flavour, max_batch_size: int, plugin_library: Path | None)
 
     # Triton sends any batch from 1 to max_batch_size: the profile must start at 1
     plan = build_engine_from_model(graph, replace(flavour.engine, min_batch=1), plugin_library)
-    return _Model(flavour.name, "tensorrt", graph, plan, _max_batch(flavour, max_batch_size))
+    return _Model(flavour.name, "tensorrt", graph, plan, *served)
 
 
 def _check_flavours(flavours: Sequence[Flavour]) -> None:
@@ -479,15 +571,16 @@ def write_repository(dest: str | Path, flavours: Sequence[Flavour], *, max_batch
     """Write a Triton model repository at ``dest``; returns what it holds and what was left out.
 
     max_batch_size: Triton's limit for the ONNX Runtime models (a TensorRT model takes its
-    engine profile's max_batch). plugin_library: the TokenMerge plugin for TensorRT models
+    engine profile's max_batch; an OpenVINO model is not batched by Triton, see RUNTIMES, and
+    takes only ``batching.instances``). plugin_library: the TokenMerge plugin for TensorRT models
     (default: the one `atm-export build-plugin` built); it is copied into the repository.
     A TensorRT flavour is left out, with the reason in ``skipped``, where TensorRT, a GPU or the
     plugin library is missing. Everything is staged next to ``dest``, checked with
     :func:`check_repository`, and moved into place in one rename (atm_export.artifacts).
     """
     _check_flavours(flavours)
-    limits = {max_batch_size, *(_max_batch(f, max_batch_size) for f in flavours)}
-    problems = [p for limit in sorted(limits) for p in settings_problems(limit, batching)]
+    settings = [(max_batch_size, batching), *(_served(f, max_batch_size, batching) for f in flavours)]
+    problems = [p for limit, served in settings for p in settings_problems(limit, served)]
     if problems:
         raise UserError(f"Triton settings: {'; '.join(dict.fromkeys(problems))}")
     dest = Path(dest).resolve()
@@ -499,7 +592,7 @@ def write_repository(dest: str | Path, flavours: Sequence[Flavour], *, max_batch
     plugin_library = Path(plugin_library) if plugin_library else None
     prepared, skipped = [], {}
     for flavour in flavours:
-        result = _prepare(flavour, max_batch_size, plugin_library)
+        result = _prepare(flavour, max_batch_size, batching, plugin_library)
         if isinstance(result, str):
             skipped[flavour.name] = result
         else:
@@ -509,7 +602,7 @@ def write_repository(dest: str | Path, flavours: Sequence[Flavour], *, max_batch
                         + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     with open_output(dest.parent, force=True, names=(dest.name,)) as writer:  # force: check_destination decided
         root = writer.path(dest.name)
-        _write_models(root, prepared, batching, plugin_library)
+        _write_models(root, prepared, plugin_library)
         problems = check_repository(root, {m.name: m.graph for m in prepared})
         if problems:
             raise RuntimeError(f"the Triton repository written is inconsistent: {problems}")
@@ -518,14 +611,15 @@ def write_repository(dest: str | Path, flavours: Sequence[Flavour], *, max_batch
     return Repository(dest, {m.name: m.runtime for m in prepared}, skipped)
 
 
-def _write_models(root: Path, models: Sequence[_Model], batching: Batching, plugin_library: Path | None) -> None:
+def _write_models(root: Path, models: Sequence[_Model], plugin_library: Path | None) -> None:
     """The model directories, the plugin library (for TensorRT models with TokenMerge nodes), the README."""
     root.mkdir()
     for model in models:
         model_dir = root / model.name
         (model_dir / VERSION).mkdir(parents=True)
         (model_dir / VERSION / RUNTIMES[model.runtime].filename).write_bytes(model.payload)
-        config = model_config(model.name, model.graph, model.runtime, model.max_batch_size, batching)
+        config = model_config(model.name, model.graph, model.runtime, model.max_batch_size, model.batching,
+                              model.parameters)
         (model_dir / CONFIG).write_text(config_text(config))
     with_plugin = any(m.runtime == "tensorrt" and has_token_merge(m.graph) for m in models)
     if with_plugin:
@@ -545,6 +639,12 @@ def readme_text(models: Mapping[str, str], with_plugin: bool) -> str:
     if "tensorrt" in models.values():
         lines += ["A TensorRT plan (and the plugin) only loads with the TensorRT version that built it: pick the "
                   "Triton container release that ships that version (Triton's release notes list it).", ""]
+    if "openvino" in models.values():
+        lines += ["The OpenVINO models (Triton's OpenVINO backend) run on the CPU and take each request as sent "
+                  "(`max_batch_size: 0`). They need no GPU: without one, start Triton with `docker run --rm "
+                  "-p8000:8000 -p8001:8001 -p8002:8002 -v \"$PWD\":/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 "
+                  "tritonserver --model-repository=/models`. The backend cannot pin f32: on CPUs with bf16 "
+                  "instructions OpenVINO computes an fp32 model in bf16 (docs/serving.md of atm-export).", ""]
     if with_plugin:
         lines += [f"The TensorRT model needs the TokenMerge plugin: `{PLUGIN_FILE}` is loaded into the server "
                   "with LD_PRELOAD (Triton's documented way for TensorRT custom layers), or with "

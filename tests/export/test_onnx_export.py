@@ -16,7 +16,7 @@ from atm_export.export.bundle import Bundle
 from atm_export.export.onnx import (check_model, custom_nodes, export_plugin_flavour, portable_flavour,
                                     read_metadata, with_fixed_schedule)
 from atm_export.images import take_batch
-from atm_export.parity import PASSED, check_backend, lowering_check, ort_extra_checks, reference_run
+from atm_export.parity import PASSED, check_backend, lowering_check, settling_checks, reference_run
 from conftest import TINY_MODELS, make_model
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_batch_is_dynamic_and_outputs_are_named(exported):
 
 
 def _extra_checks(bundle):
-    return ort_extra_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans), bundle.portable)
+    return settling_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans), bundle.portable)
 
 
 def test_parity_at_batch_sizes_1_3_8(exported, flat_images):

@@ -51,14 +51,25 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
         assert "atol + rtol * |b|" in entry["tolerance"]["rule"]
     if not engine:
         assert "TensorRT not installed" in report["skipped"]["tensorrt"] or "CUDA" in report["skipped"]["tensorrt"]
+    openvino = [n for n in ("openvino", "openvino_bf16", "openvino_fp16") if n in report["parity"]]
+    for name in ("openvino", "openvino_bf16", "openvino_fp16"):  # each joins, or is skipped with the reason
+        assert (name in openvino) != (name in report["skipped"]), name
+    assert "openvino" in openvino, report["skipped"].get("openvino")  # CI installs atm-export[openvino]
+    assert report["parity"]["openvino"]["passed"] and report["parity"]["openvino"]["precision"] == "fp32"
+    for name in openvino[1:]:  # reduced precision: judged at it, never failing the run
+        entry = report["parity"][name]
+        assert entry["precision"] == name.split("_")[1] and not entry["fails_run"], entry["notes"]
     bench = report["benchmark"]
+    for name in openvino:
+        assert set(bench["latency"][name]) == set(bench["latency"][f"{name}_baseline"]) == {"2"}
+        assert bench["speedup_over_flops_ratio"][name] > 0
     for backend in ("eager_baseline", "eager_atm", "ort_baseline", "ort_portable", "ort_plugin"):
         assert set(bench["latency"][backend]["2"]) == {"p50", "p90", "p99", "mean", "std", "spread", "throughput",
                                                       "runs", "noisy"}
     schedule = bench["schedule"]
     assert schedule["gflops"] == pytest.approx(0.9, abs=0.03) and len(schedule["tokens_per_layer"]) == 12
     assert 0.0 <= bench["merge_share"]["ort_portable"] < 1.0 and 0.0 < bench["merge_share"]["eager_atm"] < 1.0
-    assert set(bench["speedup"]) == {"eager_atm", "ort_portable", "ort_plugin"}
+    assert set(bench["speedup"]) == {"eager_atm", "ort_portable", "ort_plugin", *openvino}
     assert bench["flops_ratio"] == pytest.approx(report["flops"]["baseline"] / schedule["gflops"], rel=1e-3)
 
 

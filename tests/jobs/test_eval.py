@@ -91,7 +91,7 @@ def test_an_exported_artifact_evaluates_like_eager(tmp_path, shapes_data):
     assert main(["shapes_vit", "-q", "--no-benchmark", "-o", str(art)]) == 0
     common = ["--data", str(shapes_data["val"]), "--batch-size", "32"]
     eager = json.loads(_eval(tmp_path, *common, name="e")[1].joinpath("eval.json").read_text())["results"][1]
-    for backend in ("ort_portable", "ort_plugin"):
+    for backend in ("ort_portable", "ort_plugin", "openvino"):
         code, out = _eval(tmp_path, *common, "--backend", backend, "--artifacts", str(art), name=backend)
         assert code == 0
         merged = json.loads((out / "eval.json").read_text())["results"][1]

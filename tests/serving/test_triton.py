@@ -1,6 +1,7 @@
 """The Triton model repository: the batched-output transform, configs parsed into Triton's own
 ModelConfig protobuf (tritonclient's compiled schema), the served ONNX model against model.onnx,
-and the consistency check catching broken configs. Triton itself is not run here."""
+the OpenVINO model run by the openvino package as the backend would, and the consistency check
+catching broken configs. Triton itself is not run here."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ pytestmark = pytest.mark.slow
 REASON = trt_backend.unavailable_reason()
 SPEC = trt_backend.EngineSpec(min_batch=2, opt_batch=4, max_batch=8)
 BATCHING = triton.Batching(preferred_batch_sizes=(2, 4), max_queue_delay_us=500, instances=2)
+#: The OpenVINO models written by the ov_repository fixture, with their precision.
+OV_MODELS = {triton.OPENVINO_MODEL: "fp32", "atm_vit_openvino_bf16": "bf16"}
+#: The OpenVINO property each parameter written here becomes in Triton's OpenVINO backend
+#: (github.com/triton-inference-server/openvino_backend src/openvino.cc, ParseParameterHelper).
+OV_PROPERTIES = {"NUM_STREAMS": lambda value: ("NUM_STREAMS", int(value)),
+                 "HINT_BF16": lambda value: ("INFERENCE_PRECISION_HINT", "bf16")}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +46,18 @@ def exported(shapes_vit):
 
 def _flavours(exported):
     return [triton.Flavour(triton.ONNX_MODEL, exported.portable), triton.Flavour(triton.TRT_MODEL, exported.plugin, SPEC)]
+
+
+def _openvino_flavours(exported, models=OV_MODELS):
+    return [triton.Flavour(name, exported.portable, openvino=True, precision=p) for name, p in models.items()]
+
+
+@pytest.fixture(scope="module")
+def ov_repository(exported, tmp_path_factory):
+    """The ONNX Runtime model and the OpenVINO models side by side, with dynamic batching asked for."""
+    dest = tmp_path_factory.mktemp("serve_ov") / "triton"
+    flavours = _flavours(exported)[:1] + _openvino_flavours(exported)
+    return triton.write_repository(dest, flavours, max_batch_size=8, batching=BATCHING)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +228,11 @@ def test_settings_triton_would_refuse_are_refused(exported, tmp_path, kwargs, me
     assert not (tmp_path / "triton").exists()
 
 
-def test_the_plugin_graph_is_refused_for_onnx_runtime(exported, tmp_path):
-    with pytest.raises(UserError, match="TokenMerge nodes, which Triton's ONNX Runtime backend cannot run"):
-        triton.write_repository(tmp_path / "triton", [triton.Flavour("plugin_on_ort", exported.plugin)], max_batch_size=4)
+@pytest.mark.parametrize("openvino, backend", [(False, "ONNX Runtime"), (True, "OpenVINO")], ids=["ort", "openvino"])
+def test_the_plugin_graph_is_refused_for_onnx_runtime_and_openvino(exported, tmp_path, openvino, backend):
+    with pytest.raises(UserError, match=f"TokenMerge nodes, which Triton's {backend} backend cannot run"):
+        flavour = triton.Flavour("plugin_graph", exported.plugin, openvino=openvino)
+        triton.write_repository(tmp_path / "triton", [flavour], max_batch_size=4)
     assert not any(tmp_path.iterdir())
 
 
@@ -221,5 +242,125 @@ def test_a_runs_bundle_gives_one_model_per_flavour(exported):
     named = [(f.name, f.runtime) for f in triton.bundle_flavours(bundle, SPEC)]
     assert named == [("atm_vit_onnx", "onnxruntime"), ("atm_vit_trt", "tensorrt"),
                      ("atm_vit_static_onnx", "onnxruntime"), ("atm_vit_static_trt", "tensorrt")]
+    with_openvino = triton.bundle_flavours(bundle, SPEC, openvino=True, precision="bf16")
+    assert [(f.name, f.runtime, f.precision) for f in with_openvino if f.openvino] == [
+        ("atm_vit_openvino", "openvino", "bf16"), ("atm_vit_static_openvino", "openvino", "bf16")]
+    assert [f for f in with_openvino if not f.openvino] == triton.bundle_flavours(bundle, SPEC)
     bundle.static = None  # no static-schedule export; no engine spec (--no-tensorrt)
     assert [f.name for f in triton.bundle_flavours(bundle, None)] == [triton.ONNX_MODEL]
+
+
+def test_a_flavour_is_openvino_or_tensorrt_and_only_openvino_takes_a_precision(exported):
+    with pytest.raises(ValueError, match="exclude each other"):
+        triton.Flavour("both", exported.portable, SPEC, openvino=True)
+    with pytest.raises(UserError, match="precision 'fp16': an OpenVINO model takes one of"):
+        triton.Flavour("fp16", exported.portable, openvino=True, precision="fp16")
+    with pytest.raises(UserError, match="precision 'bf16': .* other models fp32"):
+        triton.Flavour("ort_bf16", exported.portable, precision="bf16")
+
+
+# ---------------------------------------------------------------- the OpenVINO model
+
+def test_openvino_models_serve_the_portable_graph_unbatched_on_the_cpu(ov_repository, exported):
+    root, depth = ov_repository.path, exported.atm.depth
+    assert ov_repository.models == {triton.ONNX_MODEL: "onnxruntime", **{name: "openvino" for name in OV_MODELS}}
+    for name, precision in OV_MODELS.items():
+        config = _parse(root / name / "config.pbtxt")
+        assert (config.backend, config.platform, config.default_model_filename) == ("openvino", "", "model.onnx")
+        # Triton does not batch it (see triton.RUNTIMES): no batcher, and the batch dimension in dims
+        assert config.max_batch_size == 0 and config.WhichOneof("scheduling_choice") is None
+        assert [(g.count, mc.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_CPU")]
+        bf16 = {"HINT_BF16": "YES"} if precision == "bf16" else {}
+        assert {key: value.string_value for key, value in config.parameters.items()} == {"NUM_STREAMS": "2", **bf16}
+        assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in (*config.input, *config.output)] == [
+            ("images", "TYPE_FP32", [-1, 3, 64, 64]), ("logits", "TYPE_FP32", [-1, 8]),
+            ("tokens_per_layer", "TYPE_INT64", [-1, depth])]
+        assert onnx.load(str(root / name / "1" / "model.onnx")) == triton.with_batched_outputs(exported.portable)
+    onnx_config = _parse(root / triton.ONNX_MODEL / "config.pbtxt")  # the repository's batching is left to it
+    assert onnx_config.max_batch_size == 8 and list(onnx_config.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert triton.check_repository(root) == []
+    readme = (root / triton.README).read_text()
+    assert f"`{triton.OPENVINO_MODEL}`: backend `openvino`" in readme
+    assert "need no GPU" in readme and "cannot pin f32" in readme
+
+
+def _compile_like_the_backend(ov, model_dir, **extra):
+    """The model's file compiled on the CPU with the properties its config's parameters give."""
+    config = _parse(model_dir / "config.pbtxt")
+    properties = dict(OV_PROPERTIES[key](value.string_value) for key, value in config.parameters.items())
+    core = ov.Core()
+    return core.compile_model(core.read_model(str(model_dir / "1" / config.default_model_filename)), "CPU",
+                              {**properties, **extra})
+
+
+@pytest.mark.parametrize("name", list(OV_MODELS))
+def test_openvino_runs_the_served_model_with_its_parameters(ov_repository, exported, name):
+    ov = pytest.importorskip("openvino", reason="openvino not installed")
+    compiled = _compile_like_the_backend(ov, ov_repository.path / name)
+    out = compiled({"images": exported.images[:3]})
+    logits, tokens = out[compiled.output("logits")], out[compiled.output("tokens_per_layer")]
+    assert logits.shape == (3, 8) and tokens.shape == (3, exported.atm.depth) and tokens.dtype == np.int64
+    assert all((row == tokens[0]).all() for row in tokens)
+    if OV_MODELS[name] == "bf16" and "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+
+
+def test_openvino_at_f32_matches_model_onnx_at_batches_1_and_3(ov_repository, exported):
+    """The graph is what model.onnx computes: OpenVINO with f32 pinned (which the backend cannot
+    ask for, docs/serving.md) gives ONNX Runtime's token counts and logits."""
+    ov = pytest.importorskip("openvino", reason="openvino not installed")
+    compiled = _compile_like_the_backend(ov, ov_repository.path / triton.OPENVINO_MODEL, INFERENCE_PRECISION_HINT="f32")
+    for b in (1, 3):
+        logits, tokens = _run(exported.portable, exported.images[:b])
+        out = compiled({"images": exported.images[:b]})
+        np.testing.assert_allclose(out[compiled.output("logits")], logits, rtol=0, atol=1e-5)
+        assert out[compiled.output("tokens_per_layer")].tolist() == [tokens.tolist()] * b
+
+
+def test_openvino_batch_padding_would_change_the_merge_counts(ov_repository, exported):
+    """Why Triton does not batch the OpenVINO model: with max_batch_size > 0 the backend fixes the
+    batch (ov::set_batch), refuses a smaller one, or pads it with zero images (ENABLE_BATCH_PADDING),
+    which join ATM's batch-wide merge counts."""
+    ov = pytest.importorskip("openvino", reason="openvino not installed")
+    core = ov.Core()
+    model = core.read_model(str(ov_repository.path / triton.OPENVINO_MODEL / "1" / "model.onnx"))
+    layout = ov.preprocess.PrePostProcessor(model)
+    layout.input("images").tensor().set_layout(ov.Layout("N..."))  # as the backend does for max_batch_size > 0
+    model = layout.build()
+    ov.set_batch(model, 4)
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    images = exported.images[:3]
+    with pytest.raises(RuntimeError):
+        compiled({"images": images})
+    padded = compiled({"images": np.concatenate([images, np.zeros_like(images[:1])])})
+    _, tokens = _run(exported.portable, images)
+    assert padded[compiled.output("tokens_per_layer")][0].tolist() != tokens.tolist()
+
+
+def _write_openvino(exported, tmp_path):
+    flavours = _openvino_flavours(exported, {triton.OPENVINO_MODEL: "fp32"})
+    return triton.write_repository(tmp_path / "triton", flavours, max_batch_size=8, batching=BATCHING)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: setattr(c, "backend", "openvinoo"), "unknown platform/backend 'openvinoo'"),
+    (lambda c: c.output[1].dims.__setitem__(1, 7), "tokens_per_layer: config dims [-1, 7], graph [-1, 6]"),
+    (lambda c: setattr(c, "max_batch_size", 8), "max_batch_size 8: Triton's OpenVINO backend would fix the batch"),
+    (lambda c: c.ClearField("default_model_filename"), "no model file 1/model.xml"),
+    (lambda c: setattr(c.parameters["HINT_BF16"], "string_value", "NO"), "HINT_BF16: the OpenVINO backend accepts yes"),
+    (lambda c: setattr(c.parameters["NUM_STREAM"], "string_value", "2"), "parameter NUM_STREAM is not one"),
+    (lambda c: c.dynamic_batching.SetInParent(), "dynamic batching needs max_batch_size > 0"),
+], ids=["backend", "dim", "batched", "filename", "bf16-value", "unknown-key", "batcher"])
+def test_a_broken_openvino_config_is_caught(exported, tmp_path, edit, expected):
+    result = _write_openvino(exported, tmp_path)
+    _rewrite(result.path / triton.OPENVINO_MODEL / "config.pbtxt", edit)
+    problems = triton.check_repository(result.path)
+    assert any(p.startswith(f"{triton.OPENVINO_MODEL}: ") and expected in p for p in problems), problems
+
+
+def test_a_token_merge_graph_in_the_openvino_model_is_caught(exported, tmp_path):
+    result = _write_openvino(exported, tmp_path)
+    served = result.path / triton.OPENVINO_MODEL / "1" / "model.onnx"
+    onnx.save(triton.with_batched_outputs(exported.plugin), str(served))
+    problems = triton.check_repository(result.path)
+    assert any("TokenMerge nodes, which Triton's OpenVINO backend cannot run" in p for p in problems), problems
