@@ -4,7 +4,9 @@ A run writes every file into a hidden staging directory inside the output direct
 success each file is moved into place with an atomic rename (report.json last, so its
 presence means a complete set); on failure or interruption the staging directory is deleted.
 A failed run therefore leaves no half-written file and does not touch the previous run's
-artifacts.
+artifacts. An unexpected failure (not a user mistake nor a check's verdict) keeps the staging
+directory with one file, ``failure.log`` (the step and the full traceback), and nothing else;
+the exception carries its path (``atm_log``), and the next run in the same place removes it.
 
 A run killed without a chance to clean up (SIGKILL, power loss) leaves its staging directory
 behind. While a run is alive it holds an exclusive lock on a file in its staging directory;
@@ -23,11 +25,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, failure_log_text, unexpected
 from .signals import deferred
 
 STAGING_PREFIX = ".atm-export-staging-"
 LOCK_NAME = ".lock"
+FAILURE_LOG = "failure.log"
 UNLOCKED_GRACE_S = 60.0
 
 #: Files a run may write. An output directory holding any of them is not overwritten without --force.
@@ -117,11 +120,28 @@ class ArtifactWriter:
     def abort(self) -> None:
         with deferred():
             self._remove_staging()
-            for directory in self._created:
-                try:
-                    directory.rmdir()  # only if empty: never anything the run did not create
-                except OSError:
-                    break
+            self._remove_created()
+
+    def keep_failure_log(self, exc: BaseException) -> Path:
+        """Drop the staged files but keep the staging directory with ``failure.log`` (the step
+        and the traceback of ``exc``), unlocked so that the next run removes it. Returns its path."""
+        with deferred():
+            try:
+                for entry in self.staging.iterdir():
+                    if entry.name != LOCK_NAME:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                log = self.staging / FAILURE_LOG
+                log.write_text(failure_log_text(exc))
+            finally:
+                os.close(self._lock)
+        return log
+
+    def _remove_created(self) -> None:
+        for directory in self._created:
+            try:
+                directory.rmdir()  # only if empty: never anything the run did not create
+            except OSError:
+                break
 
     def _remove_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -140,6 +160,12 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.commit()
+        elif unexpected(exc):
+            try:
+                exc.atm_log = self.keep_failure_log(exc)
+            except OSError:  # cannot even write the log: leave nothing, the caller saves it elsewhere
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self._remove_created()
         else:
             self.abort()
 

@@ -10,6 +10,7 @@ reported as one line on stderr with a non-zero exit status.
 from __future__ import annotations
 
 import difflib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import click
 
 from . import signals
-from .errors import AccuracyGateError, ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError
+from .errors import (AccuracyGateError, ArtifactMismatchError, NonFiniteInputError, ParityError, SettingsError, UserError,
+                     failure_log_text)
 
 #: Exit statuses: 2 a mistake in the input, 3 a check failed; 128 + the signal when interrupted.
+EXIT_FAILED = 1  # an unexpected failure: one line, the traceback in a log file
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 3
 
@@ -508,7 +511,27 @@ def _run(argv: list[str] | None) -> int:
     except (click.Abort, KeyboardInterrupt):  # a SIGINT before the handlers were installed
         click.echo("atm-export: aborted", err=True)
         return 128 + signal.SIGINT
+    except Exception as exc:  # not a user mistake: say where it failed, keep the traceback for a bug report
+        click.echo(failure_line(exc), err=True)
+        return EXIT_FAILED
     return status if isinstance(status, int) else 0
+
+
+def failure_line(exc: Exception) -> str:
+    """One line for an unexpected failure: the step it happened in, what it was, and where its
+    full traceback is (the run's staging directory, or a temporary file when the command has no
+    output directory or the log could not be written there)."""
+    import tempfile
+
+    log = getattr(exc, "atm_log", None)
+    if log is None:
+        fd, log = tempfile.mkstemp(prefix="atm-export-failure-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(failure_log_text(exc))
+    step = getattr(exc, "atm_step", None)
+    what = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"atm-export: failed{f' while {step}' if step else ''}: {type(exc).__name__}"
+            f"{': ' + what if what else ''} (full traceback: {log})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What a run prints on stderr: numbered steps with elapsed times, notes, warnings, progress.
 
+Every step's wall time and peak resident memory are kept (``records``; the report's ``steps``).
 Verbosity 0 (``-q``) prints nothing but errors; 1 the steps, their key figures and warnings;
 2 (``-v``) also the details (every parity note, every timed measurement). Long steps show a
 progress bar (tqdm) on a terminal, and plain lines where the output is a log or a pipe.
@@ -11,6 +12,18 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .resources import peak_rss, reset_peak
+
+
+@dataclass
+class StepRecord:
+    """One finished step: its title, wall time, and the peak resident memory while it ran."""
+
+    title: str
+    seconds: float
+    peak_rss_mb: float
 
 
 class Console:
@@ -22,6 +35,7 @@ class Console:
         self.total: int | None = None
         self.done = 0
         self.started = time.perf_counter()
+        self.records: list[StepRecord] = []
 
     @property
     def interactive(self) -> bool:
@@ -49,10 +63,19 @@ class Console:
         number = f"[{self.done}/{self.total}]" if self.total else f"[{self.done}]"
         if self.verbosity >= 1:
             self._print(f"{number:>7} {title} ...")
+        reset_peak()
         start = time.perf_counter()
-        yield self
+        try:
+            yield self
+        except Exception as exc:
+            if not hasattr(exc, "atm_step"):  # the innermost step names the failure
+                exc.atm_step = title
+            raise
+        record = StepRecord(title, round(time.perf_counter() - start, 2), round(peak_rss() / 2**20, 1))
+        self.records.append(record)
         if self.verbosity >= 1:
-            self._print(f"        done in {time.perf_counter() - start:.1f} s (total {self.elapsed():.0f} s)")
+            self._print(f"        done in {record.seconds:.1f} s (total {self.elapsed():.0f} s; peak memory "
+                        f"{record.peak_rss_mb / 1024:.1f} GB)")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -26,3 +26,22 @@ class ArtifactMismatchError(Exception):
 class AccuracyGateError(Exception):
     """Merging costs more accuracy than the user's limits allow (``check --min-agreement``,
     ``--max-top1-drop``), or ``tune`` found no setting that meets its target."""
+
+
+#: What atm-export raises for an outcome it expects; anything else is an unexpected failure.
+EXPECTED = (UserError, SettingsError, NonFiniteInputError, ParityError, ArtifactMismatchError, AccuracyGateError)
+
+
+def unexpected(exc: BaseException) -> bool:
+    """Whether ``exc`` is an unexpected failure (a bug, a runtime's crash, a full disk), not a
+    user mistake, a check's verdict or an interruption."""
+    return isinstance(exc, Exception) and not isinstance(exc, EXPECTED)
+
+
+def failure_log_text(exc: BaseException) -> str:
+    """The full traceback of ``exc``, with the step it failed in, for a failure log."""
+    import traceback
+
+    step = getattr(exc, "atm_step", None)
+    head = f"atm-export failed{f' while {step}' if step else ''}\n\n"
+    return head + "".join(traceback.format_exception(exc))

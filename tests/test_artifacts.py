@@ -19,11 +19,35 @@ def test_files_appear_only_on_commit_report_json_last(tmp_path):
 
 
 def test_a_failed_run_leaves_nothing_not_even_the_directories_it_made(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(UserError):
         with open_output(tmp_path / "a" / "b") as writer:
             writer.write_text("report.md", "x")
-            raise RuntimeError("boom")
+            raise UserError("a mistake")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_failure_keeps_only_its_traceback_in_the_staging_directory(tmp_path):
+    """No artifact of the failed run is left, but failure.log (the step and the traceback) is,
+    in the hidden staging directory, until the next run in the same place removes it."""
+    from atm_export.artifacts import FAILURE_LOG, STAGING_PREFIX
+    from atm_export.console import Console
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as info:
+        with open_output(out) as writer, Console(verbosity=0).step("exporting the graphs"):
+            writer.write_text("report.md", "x")
+            writer.path("model.onnx").write_bytes(b"half")
+            raise RuntimeError("boom")
+    log = info.value.atm_log
+    assert info.value.atm_step == "exporting the graphs"
+    assert [p.name for p in out.iterdir()] == [log.parent.name] and log.parent.name.startswith(STAGING_PREFIX)
+    assert sorted(p.name for p in log.parent.iterdir()) == [".lock", FAILURE_LOG]
+    text = log.read_text()
+    assert text.startswith("atm-export failed while exporting the graphs") and "Traceback" in text and "boom" in text
+    with open_output(out) as writer:
+        assert writer.removed_stale == [log.parent]
+        writer.write_text("report.md", "y")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
 
 
 def test_earlier_artifacts_need_force_and_force_removes_the_stale_ones(tmp_path):

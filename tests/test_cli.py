@@ -272,3 +272,34 @@ def test_backends_option_leaves_backends_out_of_a_run(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert set(report["parity"]) == {"eager_atm", "ort_portable"}
     assert report["skipped"]["openvino"] == report["skipped"]["ort_plugin"] == "left out by --backends"
+
+
+def test_an_unexpected_failure_is_one_line_naming_the_step_and_its_traceback(tmp_path, capsys, monkeypatch):
+    """A bug or a runtime's crash (not a user mistake): exit 1, one line with the step and where
+    the full traceback is, and no artifact in the output directory."""
+    import atm_export.export.onnx as onnx_export
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the exporter crashed\nsecond line")
+
+    monkeypatch.setattr(onnx_export, "export_plugin_flavour", crash)
+    out = tmp_path / "o"
+    code, _, err = run_cli(["deit_t", "--random-init", "-q", "--no-benchmark", "-o", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("atm-export: failed while exporting model.plugin.onnx (one TokenMerge node per merge "
+                               "step): RuntimeError: the exporter crashed (full traceback: ")
+    log = Path(lines[0].rsplit("(full traceback: ", 1)[1].rstrip(")"))
+    assert log.parent.parent == out and "Traceback" in log.read_text() and "second line" in log.read_text()
+    assert [p.name for p in out.iterdir()] == [log.parent.name]  # the hidden staging directory only
+
+
+def test_an_unexpected_failure_without_an_output_directory_saves_its_traceback_elsewhere(tmp_path, capsys, monkeypatch):
+    import atm_export.jobs.check as check
+
+    monkeypatch.setattr(check, "read_report", lambda directory: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    code, _, err = run_cli(["check", str(tmp_path)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "OSError: [Errno 5] I/O error (full traceback: " in err
+    log = Path(err.strip().rsplit("(full traceback: ", 1)[1].rstrip(")"))
+    assert "Traceback" in log.read_text()
+    log.unlink()

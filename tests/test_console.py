@@ -48,3 +48,21 @@ def test_on_a_terminal_a_bar_replaces_the_plain_lines():
         advance("m2: 2 ms")
     text = stream.getvalue()
     assert "/2 [" in text and "m1: 1 ms" not in text  # a bar (cleared when done); the lines only with -v
+
+
+def test_each_step_records_its_time_and_its_own_peak_memory():
+    import numpy as np
+
+    from atm_export.resources import reset_peak
+
+    console = Console(verbosity=1, stream=io.StringIO())
+    with console.step("allocating"):
+        block = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MB, touched
+    del block
+    with console.step("idle"):
+        pass
+    allocating, idle = console.records
+    assert allocating.title == "allocating" and allocating.seconds >= 0 and allocating.peak_rss_mb >= 300
+    if reset_peak():  # Linux: each step's peak is its own
+        assert idle.peak_rss_mb < allocating.peak_rss_mb - 250
+    assert "peak memory" in console.stream.getvalue()

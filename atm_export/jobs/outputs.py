@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ def write_report(report: Report, model: Model, opts, writer: ArtifactWriter, con
     from ..report.markdown import render_markdown
 
     with console.step("writing the report and its pictures"):
+        report.steps = [dataclasses.asdict(r) for r in console.records]
         t = report.tokens
         plots.plot_tokens(t.mean, t.min, t.max, writer.path("tokens.png"), title=f"Tokens entering each block: "
                           f"{report.model.name}")

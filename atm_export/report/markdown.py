@@ -133,6 +133,10 @@ def _rest(report: Report) -> list[str]:
         lines += ["", "## Skipped", "", *[f"- {k}: {v}" for k, v in report.skipped.items()]]
     if report.artifacts:
         lines += ["", "## Artifacts", "", *[f"- {a}" for a in report.artifacts]]
+    if report.steps:
+        lines += ["", "## Steps", "", "Wall time and peak resident memory of each step of the run.", "",
+                  *_table(["step", "seconds", "peak memory (MB)"],
+                          [[s["title"], f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}"] for s in report.steps])]
     lines += ["", "## Legend", "", *[f"- **{term}**: {meaning}" for term, meaning in LEGEND]]
     return lines
 

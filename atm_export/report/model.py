@@ -158,6 +158,8 @@ class Report:
     pictures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
+    # every step before the report's own: title, seconds, peak_rss_mb (peak resident memory)
+    steps: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """report.json's content. A value that is not finite (inf, NaN) becomes null: JSON has none."""

@@ -59,6 +59,9 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
     for name in openvino[1:]:  # reduced precision: judged at it, never failing the run
         entry = report["parity"][name]
         assert entry["precision"] == name.split("_")[1] and not entry["fails_run"], entry["notes"]
+    steps = {s["title"].split(" (")[0]: s for s in report["steps"]}  # every step but the report's own
+    assert "exporting model.plugin.onnx" in steps and "writing the report and its pictures" not in steps
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in steps.values())
     bench = report["benchmark"]
     for name in openvino:
         assert set(bench["latency"][name]) == set(bench["latency"][f"{name}_baseline"]) == {"2"}
