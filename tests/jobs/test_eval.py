@@ -129,3 +129,13 @@ def test_mistakes_are_one_line_errors(tmp_path, shapes_data, capsys, case, messa
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("atm-export: error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_the_cli_offers_every_backend_that_can_evaluate_an_artifact():
+    """The CLI spells the choices out (importing the backends would slow every command's start);
+    they must stay those evaluate knows."""
+    from atm_export.cli import eval_cmd
+    from atm_export.jobs.evaluate import EAGER, EXPORTED_BACKENDS
+
+    option = next(p for p in eval_cmd.params if p.name == "backend")
+    assert list(option.type.choices) == [EAGER, *EXPORTED_BACKENDS]
