@@ -131,20 +131,27 @@ def benchmark(bundle, names: list[str], inputs: dict[int, np.ndarray], plan: Tim
         latency={n: {str(b): TimingStats(**t.summary()) for b, t in per.items()} for n, per in latency.items()},
         speedup=speedup, speedup_batch=largest, flops_ratio=flops_ratio,
         speedup_over_flops_ratio={n: v / flops_ratio for n, v in speedup.items()},
-        merge_share=merge_shares(bundle, inputs[largest]),
+        merge_share=merge_shares(bundle, inputs[largest], names, runtime_options or RuntimeOptions()),
         noisy=[f"{n} at batch {b}" for n, per in latency.items() for b, t in per.items() if t.noisy],
         schedule=schedule)
 
 
-def merge_shares(bundle, images: np.ndarray) -> dict[str, float]:
-    """The merge steps' share of a forward pass: eager (timed in the model) and the portable
-    flavour in ONNX Runtime (from its profiler), where the bundle has it."""
-    from .backends import open_runner
+#: The backends whose merge share is measured from a profiled run of the portable flavour.
+PROFILED = ("ort_portable", "openvino", "openvino_bf16", "openvino_fp16")
 
+
+def merge_shares(bundle, images: np.ndarray, names=PROFILED, runtime_options=None) -> dict[str, float]:
+    """The merge steps' share of a forward pass: eager (timed in the model), and the portable
+    flavour in ONNX Runtime (its profiler) and in OpenVINO (its per-node timing) for those of
+    ``names`` the bundle can run."""
+    from .backends import RuntimeOptions, open_runner, unavailable
+
+    runtime_options = runtime_options or RuntimeOptions()
     shares = {"eager_atm": eager_merge_share(bundle.atm, torch.from_numpy(images))}
-    if bundle.portable is not None:
-        with open_runner(bundle, "ort_portable", profile=True) as runner:
-            shares["ort_portable"] = ort_merge_share(runner.run_profiled(images))
+    for name in (n for n in PROFILED if n in names and not unavailable(n, bundle, runtime_options)):
+        with open_runner(bundle, name, profile=True, runtime_options=runtime_options) as runner:
+            profiled = runner.run_profiled(images)
+        shares[name] = ort_merge_share(profiled) if name == "ort_portable" else node_merge_share(profiled)
     return shares
 
 
@@ -160,7 +167,13 @@ def eager_merge_share(atm, images: torch.Tensor) -> float:
 
 def ort_merge_share(events: list[dict], prefix: str = NODE_PREFIX) -> float:
     """Fraction of ONNX Runtime node time spent in merge nodes (from profiler trace events)."""
-    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    total = sum(e["dur"] for e in nodes)
-    merge = sum(e["dur"] for e in nodes if e["name"].startswith(prefix))
+    return node_merge_share([(e["name"], e["dur"]) for e in events
+                             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")], prefix)
+
+
+def node_merge_share(nodes: list[tuple[str, float]], prefix: str = NODE_PREFIX) -> float:
+    """Fraction of the time of ``nodes`` (name, duration) spent in the lowered merge steps,
+    whose node names start with ``prefix`` (``TokenMerge_b<block>/...``)."""
+    total = sum(t for _, t in nodes)
+    merge = sum(t for name, t in nodes if name.startswith(prefix))
     return merge / total if total else 0.0

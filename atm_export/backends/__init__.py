@@ -120,7 +120,7 @@ def open_runner(bundle, name: str, *, replay: list | None = None, profile: bool 
     """The runner of backend ``name`` on ``bundle`` (not yet active: use ``with``).
 
     replay: merge plans the plugin flavour applies instead of its own choices (``ort_plugin``);
-    profile: ONNX Runtime's profiler on (``run_profiled``); runtime_options: the TensorRT
+    profile: ONNX Runtime's profiler or OpenVINO's per-node timing on (``run_profiled``); runtime_options: the TensorRT
     plugin, OpenVINO's device and threads.
     """
     reason = unavailable(name, bundle, runtime_options)
@@ -140,7 +140,7 @@ def open_runner(bundle, name: str, *, replay: list | None = None, profile: bool 
         from .openvino import OpenVinoRunner
 
         return OpenVinoRunner(model, name, precision=option, device=runtime_options.openvino_device,
-                              threads=runtime_options.openvino_threads)
+                              threads=runtime_options.openvino_threads, profile=profile)
     from .tensorrt import EngineRunner
 
     return EngineRunner(model, name, plugin=runtime_options.plugin_library,

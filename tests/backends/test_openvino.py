@@ -155,3 +155,17 @@ def test_baselines_and_static_models_follow_their_backends():
     assert follows("openvino_static", chosen) and not follows("ort_portable_static", chosen)
     assert not follows("ort_baseline", chosen) and not follows("eager_baseline", chosen)
     assert follows("ort_baseline", select("ort_plugin"))
+
+
+def test_openvino_per_node_timing_gives_the_merge_steps_share(bundle, refs):
+    """OpenVINO keeps the ONNX node names, so the lowered merge steps (TokenMerge_b<block>/...)
+    are found in its per-node timing."""
+    from atm_export.bench import merge_shares, node_merge_share
+
+    assert node_merge_share([("TokenMerge_b1/Gather", 1.0), ("node_MatMul", 3.0)]) == 0.25
+    with open_runner(bundle, "openvino", profile=True) as runner:
+        nodes = runner.run_profiled(refs[1].images)
+    assert any(name.startswith("TokenMerge_b") for name, _ in nodes)
+    assert 0.0 < node_merge_share(nodes) < 1.0
+    shares = merge_shares(bundle, refs[1].images, ("openvino",))
+    assert set(shares) == {"eager_atm", "openvino"} and 0.0 < shares["openvino"] < 1.0

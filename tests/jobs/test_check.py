@@ -65,6 +65,7 @@ def test_the_run_writes_every_artifact_and_field(run_dir):
     bench = report["benchmark"]
     for name in openvino:
         assert set(bench["latency"][name]) == set(bench["latency"][f"{name}_baseline"]) == {"2"}
+        assert 0.0 < bench["merge_share"][name] < 1.0
         assert bench["speedup_over_flops_ratio"][name] > 0
     for backend in ("eager_baseline", "eager_atm", "ort_baseline", "ort_portable", "ort_plugin"):
         assert set(bench["latency"][backend]["2"]) == {"p50", "p90", "p99", "mean", "std", "spread", "throughput",
