@@ -50,6 +50,17 @@ class _ContractDefaults(ctypes.Structure):
         super().__init__(*args, **{**defaults, **kwargs})
 
 
+#: AdaMerge's attributes, the tail of both structs (after ATM's), in the C headers' order.
+_ADAMERGE_FIELDS = [
+    ("weighting", ctypes.c_int32),
+    ("salience_temperature", ctypes.c_float),
+    ("r_max", ctypes.c_int32),
+    ("redundancy_mean", ctypes.c_float),
+    ("redundancy_std", ctypes.c_float),
+    ("redundancy_scale", ctypes.c_float),
+]
+
+
 class Params(_ContractDefaults):
     """atm_token_merge_params."""
 
@@ -63,16 +74,10 @@ class Params(_ContractDefaults):
         ("fixed_r", ctypes.c_int32),
         ("threshold", ctypes.c_float),
         ("dtype", ctypes.c_int32),
-        ("weighting", ctypes.c_int32),
-        ("salience_temperature", ctypes.c_float),
-        ("r_max", ctypes.c_int32),
-        ("redundancy_mean", ctypes.c_float),
-        ("redundancy_std", ctypes.c_float),
-        ("redundancy_scale", ctypes.c_float),
+        *_ADAMERGE_FIELDS,
     ]
 
-    _defaulted = ("weighting", "salience_temperature", "r_max", "redundancy_mean", "redundancy_std",
-                  "redundancy_scale")
+    _defaulted = tuple(name for name, _ in _ADAMERGE_FIELDS)
 
 
 class Attributes(_ContractDefaults):
@@ -88,12 +93,7 @@ class Attributes(_ContractDefaults):
         ("num_protected", ctypes.c_int32),
         ("opt_num_tokens", ctypes.c_int32),
         ("max_num_tokens", ctypes.c_int32),
-        ("weighting", ctypes.c_int32),
-        ("salience_temperature", ctypes.c_float),
-        ("r_max", ctypes.c_int32),
-        ("redundancy_mean", ctypes.c_float),
-        ("redundancy_std", ctypes.c_float),
-        ("redundancy_scale", ctypes.c_float),
+        *_ADAMERGE_FIELDS,
     ]
 
 
