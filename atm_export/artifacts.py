@@ -33,16 +33,22 @@ LOCK_NAME = ".lock"
 FAILURE_LOG = "failure.log"
 UNLOCKED_GRACE_S = 60.0
 
-#: Files a run may write. An output directory holding any of them is not overwritten without --force.
-ARTIFACT_NAMES = (
+#: The ONNX files a run may write; each may have a side file of weights (``NAME`` + this suffix,
+#: ONNX's external-data form: atm_export.export.external_data).
+SIDE_FILE_SUFFIX = ".data"
+GRAPH_NAMES = (
     "model.onnx",
     "model.plugin.onnx",
-    "model.engine",
     "model.static.onnx",
     "model.static.plugin.onnx",
-    "model.static.engine",
     "model.fp16.plugin.onnx",
     "model.static.fp16.plugin.onnx",
+)
+#: Files a run may write. An output directory holding any of them is not overwritten without --force.
+ARTIFACT_NAMES = (
+    *(n for graph in GRAPH_NAMES for n in (graph, graph + SIDE_FILE_SUFFIX)),
+    "model.engine",
+    "model.static.engine",
     "tokens.png",
     "latency.png",
     "merge_maps.png",
@@ -88,6 +94,13 @@ class ArtifactWriter:
             raise ValueError(f"not a known artifact name: {name}")
         if name not in self._staged:
             self._staged.append(name)
+        return self.staging / name
+
+    def scratch(self, name: str) -> Path:
+        """Where to write a working file that is never committed (e.g. the benchmarks' baseline
+        graph); it goes with the staging directory."""
+        if name in self.names or name in (LOCK_NAME, FAILURE_LOG):
+            raise ValueError(f"{name} is an artifact's or the staging directory's own name")
         return self.staging / name
 
     def staged(self, name: str) -> bool:

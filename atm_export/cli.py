@@ -168,6 +168,9 @@ def _overrides(kw: dict) -> dict:
 @click.option("--force", is_flag=True, help="Replace the artifacts of an earlier run in the output directory.")
 @click.option("--onnx/--no-onnx", "export", default=True, show_default=True, help="Export ONNX (both flavours) and check it.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--external-data", is_flag=True,
+              help="Write every ONNX file's weights to a side file next to it (NAME.onnx.data, ONNX's external-data "
+                   "form). Graphs too large for one file (over 1.8 GB, e.g. ViT-H) are always written so.")
 @click.option("--parity-batches", callback=_parse_batches, default="1,3", show_default=True,
               help="Batch sizes checked besides the sample batch.")
 @click.option("--strict-parity", is_flag=True, help="Fail also when a count differs only because a similarity sits on a threshold.")

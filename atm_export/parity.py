@@ -413,9 +413,11 @@ def check_backend(runner, references: list[Reference], precision: str = "fp32", 
 
 
 def settling_checks(plugin_model, open_replay: OpenReplay, portable_model=None,
-                    tolerance: Tolerance | None = None, openvino_step: Callable | None = None) -> dict[str, dict]:
+                    tolerance: Tolerance | None = None, openvino_step: Callable | None = None,
+                    weights_dir=None) -> dict[str, dict]:
     """The replay and lowering checks for the ONNX Runtime backends (and OpenVINO at fp32, with
-    ``openvino_step``: its run_step), by backend name.
+    ``openvino_step``: its run_step), by backend name. weights_dir: where the side files of
+    weightless graphs lie.
 
     The portable flavour is checked as the plugin graph (verified by the replay) with each
     merge step lowered (verified step by step, by the runtime that runs it): this holds only if
@@ -434,7 +436,7 @@ def settling_checks(plugin_model, open_replay: OpenReplay, portable_model=None,
 
     checks = {"ort_plugin": {"replay": replay}}
     if portable_model is not None:
-        difference = lowering_difference(portable_model, plugin_model)
+        difference = lowering_difference(portable_model, plugin_model, weights_dir=weights_dir)
         runners = {"ort_portable": None, **({"openvino": openvino_step} if openvino_step else {})}
         for name, run_step in runners.items():
             if difference:

@@ -135,12 +135,13 @@ def open_runner(bundle, name: str, *, replay: list | None = None, profile: bool 
     if runtime == "ort":
         from .ort import OrtRunner
 
-        return OrtRunner(model, name, plugin=attribute == "plugin", device=option, profile=profile, replay=replay)
+        return OrtRunner(model, name, plugin=attribute == "plugin", device=option, profile=profile, replay=replay,
+                         weights_dir=bundle.directory)
     if runtime == "openvino":
         from .openvino import OpenVinoRunner
 
         return OpenVinoRunner(model, name, precision=option, device=runtime_options.openvino_device,
-                              threads=runtime_options.openvino_threads, profile=profile)
+                              threads=runtime_options.openvino_threads, profile=profile, weights_dir=bundle.directory)
     from .tensorrt import EngineRunner
 
     return EngineRunner(model, name, plugin=runtime_options.plugin_library,

@@ -117,21 +117,29 @@ class OpenVinoRunner(Runner):
     """A graph of standard ONNX ops compiled by OpenVINO for ``device`` at ``precision``.
 
     polygraphy's runner contract: ``activate_impl`` reads and compiles the graph,
-    ``infer_impl`` runs one synchronous request and returns the outputs by name.
+    ``infer_impl`` runs one synchronous request and returns the outputs by name. weights_dir:
+    where the side files of a weightless graph lie (atm_export.export.external_data).
     """
 
     def __init__(self, model: onnx.ModelProto, name: str, *, precision: str = "fp32", device: str = DEFAULT_DEVICE,
-                 threads: int | None = None, profile: bool = False):
+                 threads: int | None = None, profile: bool = False, weights_dir=None):
         self.is_active = False  # polygraphy's __del__ reads it, also when __init__ raises
         if precision not in HINTS:
             raise ValueError(f"unknown OpenVINO precision {precision!r}; choose one of {', '.join(HINTS)}")
         BaseRunner.__init__(self, name=name, prefix="openvino-runner")
         self.model, self.precision, self.device, self.threads, self.profile = model, precision, device, threads, profile
+        self.weights_dir = weights_dir
         self.compiled = self.request = None
 
     def activate_impl(self):
+        from ..export.external_data import is_weightless, readable_file
+
         core = _core()
-        graph = core.read_model(self.model.SerializeToString())
+        if is_weightless(self.model):  # OpenVINO finds side files only next to a model file
+            with readable_file(self.model, self.weights_dir) as path:
+                graph = core.read_model(str(path))
+        else:
+            graph = core.read_model(self.model.SerializeToString())
         self.compiled = core.compile_model(graph, self.device, compile_options(self.precision, self.threads, self.profile))
         self.request = self.compiled.create_infer_request()
 

@@ -44,12 +44,21 @@ class _GuardedSession:
         return getattr(self.session, name)
 
 
-def _open_session(model: onnx.ModelProto, plugin: bool, device: str, threads: int | None, profile: bool,
-                  replay: Replay | None) -> _GuardedSession:
+def _session_options(weights_dir):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if weights_dir is not None:  # a weightless graph (its side files there) is read from bytes
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+    return options
+
+
+def _open_session(model: onnx.ModelProto, plugin: bool, device: str, threads: int | None, profile: bool,
+                  replay: Replay | None, weights_dir) -> _GuardedSession:
+    import onnxruntime as ort
+
+    options = _session_options(weights_dir)
     if threads:
         options.intra_op_num_threads = threads
     if profile:
@@ -67,16 +76,19 @@ class OrtRunner(OnnxrtRunner, Runner):
 
     plugin: the graph has TokenMerge nodes (run by the reference kernel); replay: recorded merge
     plans the kernel applies instead of its own choices (plugin flavour only); profile: ORT's
-    profiler on, for ``run_profiled``.
+    profiler on, for ``run_profiled``; weights_dir: where the side files of a weightless graph
+    lie (atm_export.export.external_data).
     """
 
     def __init__(self, model: onnx.ModelProto, name: str, *, plugin: bool = False, device: str = "cpu",
-                 threads: int | None = None, profile: bool = False, replay: list | None = None):
+                 threads: int | None = None, profile: bool = False, replay: list | None = None,
+                 weights_dir=None):
         self.is_active = False  # polygraphy's __del__ reads it, also when __init__ raises
         if replay is not None and not plugin:
             raise ValueError("only the plugin flavour can replay merge plans")
         self.replay = None if replay is None else Replay(list(replay))
-        super().__init__(partial(_open_session, model, plugin, device, threads, profile, self.replay), name=name)
+        super().__init__(partial(_open_session, model, plugin, device, threads, profile, self.replay,
+                                 weights_dir), name=name)
 
     def last_decisions(self) -> list | None:
         return None if self.replay is None else list(self.replay.decisions)

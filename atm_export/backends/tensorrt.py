@@ -302,14 +302,13 @@ class EngineRunner(Runner):
         del self.context, self.engine, self.runtime, self.allocator, self.stream
 
 
-def build_engine_from_model(model, spec: EngineSpec, plugin: str | Path | None = None) -> bytes:
-    """Build an engine from an in-memory ONNX model (with TokenMerge nodes or without)."""
-    import tempfile
-
-    import onnx
+def build_engine_from_model(model, spec: EngineSpec, plugin: str | Path | None = None,
+                            weights_dir: str | Path | None = None) -> bytes:
+    """Build an engine from an in-memory ONNX model (with TokenMerge nodes or without);
+    weights_dir: where the side files of a weightless model lie (the parser reads it from a file
+    beside them: atm_export.export.external_data.readable_file)."""
+    from ..export.external_data import readable_file
 
     needs_plugin = any(contract.is_token_merge(n) for n in model.graph.node)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path))
+    with readable_file(model, weights_dir) as path:
         return build_engine(path, spec, plugin, needs_plugin=needs_plugin)

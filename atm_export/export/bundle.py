@@ -7,12 +7,16 @@ and ``check`` open runners on a bundle (``atm_export.backends.open_runner``) and
 lower anything themselves. ``static`` holds the static-schedule models (a bundle of their own,
 whose ``atm`` replays the schedule). ``with_schedule`` gives the bundle whose merged models replay a
 fixed token schedule (for benchmarks), made from this one's graphs without a new export.
+
+Graphs too large for one file are held *weightless*: their weights lie in side files in
+``directory`` (atm_export.export.external_data), which the runners read them from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 from torch import nn
@@ -37,6 +41,7 @@ class Bundle:
     engine_info: dict | None = None  # what built the engines (GPU, TensorRT version, precision, profile)
     schedule: list[int] | None = None  # tokens entering each block, when the merged models replay it
     static: "Bundle | None" = None  # the static-schedule models (--static-schedule), with their eager replay
+    directory: Path | None = None  # where its graph files lie, and the side files of weightless graphs
 
     # The static-schedule models as backends time them (atm_export.backends._RUNNERS).
     @property

@@ -21,6 +21,7 @@ from onnx import helper
 
 from .. import contract
 from ..schedule import StepSpec
+from .external_data import tensor_bytes
 from .lowering import lower_model, static_token_counts
 
 #: TensorRT's hints: not given by the merge settings. opt_num_tokens is a tuning value (any value
@@ -89,7 +90,7 @@ def max_tokens_differences(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) 
     return problems
 
 
-def _same_graph(ours: onnx.GraphProto, theirs: onnx.GraphProto) -> str | None:
+def _same_graph(ours: onnx.GraphProto, theirs: onnx.GraphProto, weights_dir=None) -> str | None:
     for what, a, b in (("inputs", ours.input, theirs.input), ("outputs", ours.output, theirs.output)):
         if [x.SerializeToString() for x in a] != [x.SerializeToString() for x in b]:
             return f"the graph {what} differ"
@@ -99,23 +100,25 @@ def _same_graph(ours: onnx.GraphProto, theirs: onnx.GraphProto) -> str | None:
         where = ours.node[at].name if at < len(ours.node) else "the end"
         return f"node {at} ({where}) differs" if len(mine) == len(other) else \
             f"{len(other)} nodes where the lowering gives {len(mine)} (first difference at node {at}, {where})"
-    weights = {t.name: t.SerializeToString() for t in ours.initializer}
-    other_weights = {t.name: t.SerializeToString() for t in theirs.initializer}
+    # compared one at a time, by content: the two files' weights may lie in different side files
+    weights, other_weights = {t.name: t for t in ours.initializer}, {t.name: t for t in theirs.initializer}
     for name in sorted(set(weights) | set(other_weights)):
-        if weights.get(name) != other_weights.get(name):
+        if name not in weights or name not in other_weights or \
+                tensor_bytes(weights[name], weights_dir) != tensor_bytes(other_weights[name], weights_dir):
             return f"weight or constant {name} differs"
     return None
 
 
 def lowering_difference(portable: onnx.ModelProto, plugin: onnx.ModelProto,
-                        names: tuple[str, str] = ("model.onnx", "model.plugin.onnx")) -> str | None:
+                        names: tuple[str, str] = ("model.onnx", "model.plugin.onnx"), weights_dir=None) -> str | None:
     """Where ``portable`` differs from ``plugin`` with its TokenMerge nodes lowered (None: nowhere).
-    ``names``: the two files, as the message names them."""
+    ``names``: the two files, as the message names them; weights_dir: where the side files of
+    weightless graphs lie (atm_export.export.external_data)."""
     try:
         expected = lower_model(plugin)
     except ValueError as exc:
         return f"the plugin flavour cannot be lowered: {exc}"
-    difference = _same_graph(expected.graph, portable.graph)
+    difference = _same_graph(expected.graph, portable.graph, weights_dir)
     if difference is None:
         imports = sorted((o.domain, o.version) for o in portable.opset_import)
         if imports != sorted((o.domain, o.version) for o in expected.opset_import):

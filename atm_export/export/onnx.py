@@ -184,10 +184,12 @@ def custom_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(n.domain, n.op_type) for n in model.graph.node if n.domain not in ("", "ai.onnx")]
 
 
-def check_model(model: onnx.ModelProto, flavour: str) -> None:
-    """onnx.checker's full check, plus the flavour's rule on custom nodes."""
+def check_model(model: onnx.ModelProto, flavour: str, path=None) -> None:
+    """onnx.checker's full check, plus the flavour's rule on custom nodes. ``path``: the file
+    ``model`` was saved to or read from; the checker reads that (the only way past protobuf's
+    2 GiB, and how it finds a side file of weights)."""
     register_onnx_schema()
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(model if path is None else str(path), full_check=True)
     customs = set(custom_nodes(model))
     if flavour == "plugin" and customs - {(contract.DOMAIN, contract.OP_TYPE)}:
         raise ValueError(f"plugin flavour has custom nodes other than TokenMerge: {sorted(customs)}")

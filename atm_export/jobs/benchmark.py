@@ -33,7 +33,8 @@ def run_benchmark(bundle: Bundle, model: Model, flops: Flops, opts, console: Con
             from ..backends import tensorrt as trt
             from .export import engine_spec
 
-            timed.engine = trt.build_engine_from_model(timed.plugin, engine_spec(opts), opts.trt_plugin)
+            timed.engine = trt.build_engine_from_model(timed.plugin, engine_spec(opts), opts.trt_plugin,
+                                                        weights_dir=timed.directory)
     selected, runtime = opts.selected(), opts.runtime_options()
     names = [n for n in NAMES if follows(n, selected) and not unavailable(n, timed, runtime)]
     inputs = {b: take_batch(model.batch, b).numpy() for b in opts.bench_batches}

@@ -59,13 +59,20 @@ def read_report(directory: Path) -> Report:
 
 
 def load_artifact(path: Path, flavour: str) -> onnx.ModelProto:
-    """Load and validate one ONNX artifact; every problem is a one-line UserError."""
+    """Load and validate one ONNX artifact; every problem is a one-line UserError. A graph with
+    a side file of weights is returned weightless (atm_export.export.external_data)."""
+    from ..export import external_data
+
     if not path.is_file():
         raise UserError(f"{path} is missing (the report lists it)")
     try:
-        model = onnx.load(str(path))
+        model = external_data.load(path)
     except Exception as exc:  # protobuf raises several types for garbage
         raise UserError(f"{path} is not a valid ONNX file ({type(exc).__name__})") from None
+    missing = external_data.missing_side_files(model, path.parent)
+    if missing:
+        raise UserError(f"{path}'s weights lie in {', '.join(missing)}, which is not in {path.parent}: "
+                        "keep each .onnx file's side file next to it")
     meta = read_metadata(model)
     if "version" not in meta or meta.get("flavour") != flavour:
         raise UserError(f"{path} was not written by atm-export as the {flavour} flavour "
@@ -75,7 +82,7 @@ def load_artifact(path: Path, flavour: str) -> onnx.ModelProto:
         raise UserError(f"{path} was exported by atm-export {meta['version']} with TokenMerge version {version} "
                         f"(another split convention); this atm-export implements version {contract.VERSION}: re-export it")
     try:
-        check_model(model, flavour)
+        check_model(model, flavour, path)
     except Exception as exc:
         raise UserError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     return model
@@ -125,7 +132,7 @@ def artifact_differences(report: Report, bundle: Bundle) -> list[str]:
     if bundle.plugin is not None:
         problems += [f"model.plugin.onnx: {p}" for p in merge_node_differences(bundle.plugin, atm.steps, atm.num_protected)]
     if bundle.plugin is not None and bundle.portable is not None:
-        difference = lowering_difference(bundle.portable, bundle.plugin)
+        difference = lowering_difference(bundle.portable, bundle.plugin, weights_dir=bundle.directory)
         if difference:
             problems.append(difference)
     if bundle.static is not None:
@@ -152,7 +159,8 @@ def static_differences(report: Report, static: Bundle) -> list[str]:
         problems += [f"model.static.plugin.onnx: {p}"
                      for p in merge_node_differences(static.plugin, atm.steps, atm.num_protected)]
     if static.plugin is not None and static.portable is not None:
-        difference = lowering_difference(static.portable, static.plugin, ("model.static.onnx", "model.static.plugin.onnx"))
+        difference = lowering_difference(static.portable, static.plugin, ("model.static.onnx", "model.static.plugin.onnx"),
+                                         static.directory)
         if difference:
             problems.append(difference)
     return problems
@@ -202,14 +210,14 @@ def open_artifacts(directory: Path, weights: str | None = None, report: Report |
     vit = rebuild_model(report, weights)
     atm = patch_model(vit, config_from_report(report.settings.params))
     bundle = Bundle(atm=atm, vit=vit, plugin=models.get("model.plugin.onnx"), portable=models.get("model.onnx"),
-                    engine=_engine(directory / "model.engine"), engine_info=report.tensorrt)
+                    engine=_engine(directory / "model.engine"), engine_info=report.tensorrt, directory=directory)
     static = report.static_schedule
     if static is not None:
         tokens = checked_schedule(static.tokens_per_layer, ViTDims.from_timm(vit), "report.json's static_schedule")
         bundle.static = Bundle(atm=replay_model(atm, tokens), vit=vit, plugin=models.get("model.static.plugin.onnx"),
                                portable=models.get("model.static.onnx"),
                                engine=_engine(directory / "model.static.engine"), engine_info=report.tensorrt,
-                               schedule=tokens)
+                               schedule=tokens, directory=directory)
     return report, bundle
 
 

@@ -182,7 +182,7 @@ def check_parity(bundle, names: list[str], refs: list[Reference], console: Conso
 
             openvino_step = partial(run_step, device=runtime_options.openvino_device)
         extra = settling_checks(bundle.plugin, lambda plans: open_runner(bundle, "ort_plugin", replay=plans),
-                                bundle.portable, tolerance_for("fp32", atol, rtol), openvino_step)
+                                bundle.portable, tolerance_for("fp32", atol, rtol), openvino_step, bundle.directory)
     results = {}
     sizes = [r.images.shape[0] for r in refs]
     with console.step(f"parity against {against} at batch sizes {sizes}: {', '.join(names)}"):

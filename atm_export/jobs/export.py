@@ -65,6 +65,7 @@ class JobOptions(RuntimeChoices):
     visualize: bool = False
     visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
     backends: str | None = None  # --backends: which backends run (atm_export.backends.select); None: all
+    external_data: bool = False  # weights in side files for every graph, not only those too large for one file
 
     def selected(self) -> tuple[str, ...]:
         """The merged backends this run may use (--backends, less tensorrt under --no-tensorrt)."""
@@ -214,7 +215,7 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
     the unmerged baseline; the TensorRT engine where TensorRT and a GPU are present."""
     from ..export.onnx import export_baseline, export_plugin_flavour, portable_flavour
 
-    bundle = Bundle(atm=model.atm, vit=model.atm.vit)
+    bundle = Bundle(atm=model.atm, vit=model.atm.vit, directory=writer.staging)
     if not opts.export:
         skipped["onnx"] = "not requested (--no-onnx)"
         return bundle
@@ -226,16 +227,20 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
         with console.progress(1 + opts.benchmark, unit="graph") as advance:  # the fp16 graph counts with its flavour
             kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
             bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept)
-            save_checked(bundle.plugin, "plugin", writer, "model.plugin.onnx")
+            save_checked(bundle.plugin, "plugin", writer, "model.plugin.onnx", opts.external_data)
             if opts.trt_precision == "fp16":
                 save_fp16(model.atm, example, opts, metadata, writer, "model.fp16.plugin.onnx", kept)
             advance()
             if opts.benchmark:
                 bundle.baseline = export_baseline(model.atm.vit, example, opts.opset)
+                save_baseline(bundle, writer, opts.external_data)
                 advance("and the unmerged baseline, for the benchmarks")
     with console.step("lowering the merge steps to standard ops: model.onnx"):
         bundle.portable = portable_flavour(bundle.plugin)
-        save_checked(bundle.portable, "portable", writer, "model.onnx")
+        save_checked(bundle.portable, "portable", writer, "model.onnx", opts.external_data)
+    side_files = side_files_written(writer)
+    if side_files:
+        console.note(f"weights in side files (ONNX external data): {', '.join(side_files)}")
     if opts.static_schedule:
         export_static(bundle, model, stats, opts, writer, metadata, console)
     if engines:
@@ -256,13 +261,14 @@ def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer:
         replaying = replay_model(model.atm, tokens)
         static_meta = {**metadata, "params": run_params(replaying.config, replaying),
                        "static_schedule": {"tokens_per_layer": tokens, "source": opts.static_schedule}}
-        plugin = export_plugin_flavour(replaying, model.batch[:2], opts.opset, static_meta)
-        save_checked(plugin, "plugin", writer, "model.static.plugin.onnx")
-        portable = portable_flavour(plugin)
-        save_checked(portable, "portable", writer, "model.static.onnx")
+        static = Bundle(atm=replaying, vit=model.atm.vit, schedule=tokens, directory=writer.staging)
+        static.plugin = export_plugin_flavour(replaying, model.batch[:2], opts.opset, static_meta)
+        save_checked(static.plugin, "plugin", writer, "model.static.plugin.onnx", opts.external_data)
+        static.portable = portable_flavour(static.plugin)
+        save_checked(static.portable, "portable", writer, "model.static.onnx", opts.external_data)
         if opts.trt_precision == "fp16":
             save_fp16(replaying, model.batch[:2], opts, static_meta, writer, "model.static.fp16.plugin.onnx")
-    bundle.static = Bundle(atm=replaying, vit=model.atm.vit, plugin=plugin, portable=portable, schedule=tokens)
+    bundle.static = static
 
 
 def save_fp16(atm, example: torch.Tensor, opts: JobOptions, metadata: dict, writer: ArtifactWriter, name: str,
@@ -271,17 +277,40 @@ def save_fp16(atm, example: torch.Tensor, opts: JobOptions, metadata: dict, writ
     from ..export.onnx import export_plugin_flavour
 
     graph = export_plugin_flavour(atm, example, opts.opset, metadata, typical_tokens=typical_tokens, half=True)
-    save_checked(graph, "plugin", writer, name)
+    save_checked(graph, "plugin", writer, name, opts.external_data)
 
 
-def save_checked(graph, flavour: str, writer: ArtifactWriter, name: str) -> None:
-    """Check ``graph`` as an atm-export file of ``flavour`` and stage it as ``name``."""
-    import onnx
+def save_checked(graph, flavour: str, writer: ArtifactWriter, name: str, external: bool) -> None:
+    """Stage ``graph`` as ``name`` and check the file as an atm-export file of ``flavour``.
 
+    Its weights go to a side file when ``external`` (--external-data), when the graph is too
+    large for one file, or when it is weightless already (derived from a graph saved so); the
+    graph is then weightless, its weights in the staging directory (the bundle's ``directory``).
+    """
+    from ..export import external_data
     from ..export.onnx import check_model
 
-    check_model(graph, flavour)
-    onnx.save(graph, writer.path(name))
+    external = external or external_data.is_weightless(graph) or external_data.too_large(graph)
+    path = writer.path(name)
+    if external:
+        writer.path(external_data.side_file(name))  # staged with its graph, committed with it
+    external_data.save(graph, path, external, writer.staging)
+    check_model(graph, flavour, path)
+
+
+def save_baseline(bundle: Bundle, writer: ArtifactWriter, external: bool) -> None:
+    """Keep the unmerged baseline (never an artifact) in the staging directory, weightless,
+    when it is too large to hold as one graph or --external-data asks."""
+    from ..export import external_data
+
+    if external or external_data.too_large(bundle.baseline):
+        external_data.save(bundle.baseline, writer.scratch("baseline.onnx"), True)
+
+
+def side_files_written(writer: ArtifactWriter) -> list[str]:
+    from ..artifacts import SIDE_FILE_SUFFIX
+
+    return [n for n in writer.names if n.endswith(SIDE_FILE_SUFFIX) and writer.staged(n)]
 
 
 def static_info(bundle: Bundle, model: Model, opts: JobOptions) -> dict | None:
@@ -348,7 +377,7 @@ def build_engines(bundle: Bundle, model: Model, opts: JobOptions, writer: Artifa
             from ..export.onnx import export_baseline
 
             baseline = export_baseline(model.atm.vit, model.batch[:2], opts.opset, half=True) if fp16 else bundle.baseline
-            bundle.engine_baseline = trt.build_engine_from_model(baseline, spec)
+            bundle.engine_baseline = trt.build_engine_from_model(baseline, spec, weights_dir=bundle.directory)
         import tensorrt
 
         flags = trt.build_mode(tensorrt, spec.precision).record

@@ -48,6 +48,7 @@ from .. import contract
 from ..artifacts import open_output
 from ..backends.base import TOKENS
 from ..errors import UserError
+from ..export import external_data
 
 if TYPE_CHECKING:
     from ..backends.tensorrt import EngineSpec
@@ -121,6 +122,8 @@ class Flavour:
     builds a TensorRT plan from the graph (the plugin flavour) with that batch profile.
     openvino: serve the (portable) graph with Triton's OpenVINO backend instead, at
     ``precision`` (fp32 or bf16; docs/serving.md says what the backend can pin).
+    weights_dir: where the side files of a weightless ``model`` lie (ONNX external data; a path's
+    own directory by default); an ONNX model is written with them beside it.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Flavour:
     engine: "EngineSpec | None" = None
     openvino: bool = False
     precision: str = "fp32"
+    weights_dir: "Path | None" = None
 
     def __post_init__(self):
         if self.openvino and self.engine is not None:
@@ -179,12 +183,14 @@ def bundle_flavours(bundle, engine_spec: "EngineSpec | None", *, openvino: bool 
     for prefix, models in (("atm_vit", bundle), ("atm_vit_static", getattr(bundle, "static", None))):
         if models is None:
             continue
+        weights = getattr(models, "directory", None)
         if models.portable is not None:
-            flavours.append(Flavour(f"{prefix}_onnx", models.portable))
+            flavours.append(Flavour(f"{prefix}_onnx", models.portable, weights_dir=weights))
             if openvino:
-                flavours.append(Flavour(f"{prefix}_openvino", models.portable, openvino=True, precision=precision))
+                flavours.append(Flavour(f"{prefix}_openvino", models.portable, openvino=True, precision=precision,
+                                        weights_dir=weights))
         if models.plugin is not None and engine_spec is not None:
-            flavours.append(Flavour(f"{prefix}_trt", models.plugin, engine_spec))
+            flavours.append(Flavour(f"{prefix}_trt", models.plugin, engine_spec, weights_dir=weights))
     return flavours
 
 
@@ -454,7 +460,10 @@ def model_problems(model_dir: Path, graph: onnx.ModelProto | None = None) -> lis
     if not model_file.is_file():
         return problems + [f"no model file {model_file.relative_to(model_dir)}"]
     if graph is None and model_file.suffix == ".onnx":
-        graph = onnx.load(str(model_file))
+        graph = external_data.load(model_file)
+        missing = external_data.missing_side_files(graph, model_file.parent)
+        if missing:
+            return problems + [f"no side file {', '.join(missing)} next to {model_file.relative_to(model_dir)}"]
     dynamic = config.WhichOneof("scheduling_choice") == "dynamic_batching"
     batching = Batching(dynamic=dynamic, preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size))
     problems += settings_problems(config.max_batch_size, batching) + backend_problems(runtime, config)
@@ -489,7 +498,7 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 @dataclass(frozen=True)
 class _Model:
     """A model ready to be written: its served graph, the file's bytes, its batch settings, its
-    backend parameters."""
+    backend parameters, the side files of weights to write beside it."""
 
     name: str
     runtime: str
@@ -498,10 +507,15 @@ class _Model:
     max_batch_size: int
     batching: Batching
     parameters: dict[str, str] = field(default_factory=dict)
+    side_files: tuple[Path, ...] = ()
 
 
-def _load(model: "onnx.ModelProto | str | Path") -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+def _load(flavour: Flavour) -> tuple[onnx.ModelProto, Path | None]:
+    """The flavour's graph (weightless where its weights lie in side files) and their directory."""
+    if isinstance(flavour.model, onnx.ModelProto):
+        return flavour.model, flavour.weights_dir
+    path = Path(flavour.model)
+    return external_data.load(path), flavour.weights_dir or path.parent
 
 
 def _tensorrt_unavailable(graph: onnx.ModelProto, plugin_library: Path | None) -> str | None:
@@ -524,21 +538,28 @@ def _served(flavour: Flavour, max_batch_size: int, batching: Batching) -> tuple[
 
 def _prepare(flavour: Flavour, max_batch_size: int, batching: Batching, plugin_library: Path | None) -> _Model | str:
     """The model to write for ``flavour``, or why it is left out."""
-    graph = with_batched_outputs(_load(flavour.model))
+    graph, weights_dir = _load(flavour)
+    graph = with_batched_outputs(graph)
     problems = runtime_problems(flavour.runtime, graph)
+    missing = external_data.locations(graph) if weights_dir is None else \
+        external_data.missing_side_files(graph, weights_dir)
+    if missing:
+        problems.append(f"its weights lie in {', '.join(missing)}, not found in {weights_dir}")
     if problems:
         raise UserError(f"Triton model {flavour.name}: {problems[0]}")
     served = _served(flavour, max_batch_size, batching)
     if flavour.engine is None:  # the graph itself is the model file (ONNX Runtime, OpenVINO)
         parameters = openvino_parameters(flavour.precision, batching.instances) if flavour.openvino else {}
-        return _Model(flavour.name, flavour.runtime, graph, graph.SerializeToString(), *served, parameters)
+        side_files = tuple(Path(weights_dir) / n for n in external_data.locations(graph))
+        return _Model(flavour.name, flavour.runtime, graph, graph.SerializeToString(), *served, parameters,
+                      side_files)
     reason = _tensorrt_unavailable(graph, plugin_library)
     if reason is not None:
         return reason
     from ..backends.tensorrt import build_engine_from_model
 
     # Triton sends any batch from 1 to max_batch_size: the profile must start at 1
-    plan = build_engine_from_model(graph, replace(flavour.engine, min_batch=1), plugin_library)
+    plan = build_engine_from_model(graph, replace(flavour.engine, min_batch=1), plugin_library, weights_dir)
     return _Model(flavour.name, "tensorrt", graph, plan, *served)
 
 
@@ -618,6 +639,8 @@ def _write_models(root: Path, models: Sequence[_Model], plugin_library: Path | N
         model_dir = root / model.name
         (model_dir / VERSION).mkdir(parents=True)
         (model_dir / VERSION / RUNTIMES[model.runtime].filename).write_bytes(model.payload)
+        for source in model.side_files:  # the weights of a graph too large for one file, as it names them
+            external_data.copy_file(source, model_dir / VERSION / source.name)
         config = model_config(model.name, model.graph, model.runtime, model.max_batch_size, model.batching,
                               model.parameters)
         (model_dir / CONFIG).write_text(config_text(config))
