@@ -66,13 +66,10 @@ def save(model: onnx.ModelProto, path: Path, external: bool, weights_dir: Path |
 
     A ``model`` with weights in memory gives them up: after an external save its initializers
     reference the side file (``onnx.save`` converts in place), so the weights are no longer held
-    twice. A weightless ``model`` (its side files in ``weights_dir``) gets its side file linked
-    under this graph's name (a hard link where the filesystem allows, else a copy) and its
-    references renamed, which needs one side file (what :func:`save` writes). ValueError when a
-    weightless ``model`` is to be saved without external data.
-
-    The side file is copied, not hard-linked: ONNX's checker refuses a side file with more than
-    one link (a guard against links to files outside the model's directory).
+    twice. A weightless ``model`` (its one side file in ``weights_dir``, as this function writes
+    it) gets a copy of that file under this graph's name, and its references renamed: each graph
+    its own pair of files. Copied, not hard-linked: ONNX's checker refuses a side file with more
+    than one link. ValueError when a weightless ``model`` is to be saved without external data.
     """
     path = Path(path)
     data = path.parent / side_file(path.name)

@@ -186,6 +186,9 @@ def check_parity(bundle, names: list[str], refs: list[Reference], console: Conso
     results = {}
     sizes = [r.images.shape[0] for r in refs]
     with console.step(f"parity against {against} at batch sizes {sizes}: {', '.join(names)}"):
+        if any(name in extra for name in names):  # the replays first (memoized), each in a session of its own,
+            for ref in refs:  # not inside another backend's: one copy of a large model's weights at a time
+                extra["ort_plugin"]["replay"](ref)
         for name in names:
             precision = (precisions or {}).get(name) or precision_of(name) or "fp32"
             tol = tolerance_for(precision, atol, rtol)
