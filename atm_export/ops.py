@@ -56,8 +56,13 @@ def token_merge_op(x, size, metric, step: StepSpec, num_protected: int, opt_num_
 
     opt_num_tokens, max_num_tokens: the node's hints for TensorRT (contract.Attributes; -1: unknown).
     """
-    a = contract.Attributes.for_step(step, num_protected, opt_num_tokens, max_num_tokens)
-    return torch.ops.atm_export.token_merge(x, size, metric, *astuple(a))
+    return token_merge_call(x, size, metric, contract.Attributes.for_step(step, num_protected, opt_num_tokens,
+                                                                         max_num_tokens))
+
+
+def token_merge_call(x, size, metric, attributes: contract.Attributes):
+    """Call the custom op with a node's attributes. Returns (x, size, num_tokens)."""
+    return torch.ops.atm_export.token_merge(x, size, metric, *astuple(attributes))
 
 
 _DOCS = {

@@ -176,12 +176,17 @@ class _OpMerges:
     def skip(self, block: int) -> None:
         pass
 
-    def merge(self, block: int, step: StepSpec, x, size, metric):
-        from .ops import token_merge_op
+    def attributes(self, block: int, step: StepSpec):
+        """The contract.Attributes of block ``block``'s TokenMerge node."""
+        from . import contract
 
         opt = max(1, round(self.typical_tokens[block])) if self.typical_tokens else -1
-        x, size, self.count = token_merge_op(x, size, metric, step, self.model.num_protected,
-                                             opt_num_tokens=opt, max_num_tokens=self.max_tokens)
+        return contract.Attributes.for_step(step, self.model.num_protected, opt, self.max_tokens)
+
+    def merge(self, block: int, step: StepSpec, x, size, metric):
+        from .ops import token_merge_call
+
+        x, size, self.count = token_merge_call(x, size, metric, self.attributes(block, step))
         return x, size
 
 
@@ -271,13 +276,15 @@ class ATMVisionTransformer(nn.Module):
         x, size = self._blocks(x, merges, explicit_attention)
         return self._head(self.vit.norm(x), size), merges.stats(batch)
 
-    def _blocks(self, x: torch.Tensor, merges, explicit_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every block: attention, then its merge step (``merges.merge``), then the MLP.
+    def _blocks(self, x: torch.Tensor, merges, explicit_attention: bool, size: torch.Tensor | None = None,
+                blocks: range | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every block (or those of ``blocks``, entered with ``size``): attention, then its merge
+        step (``merges.merge``), then the MLP.
 
         Returns the tokens after the last block and their sizes (None if nothing merged).
         """
-        size: torch.Tensor | None = None
-        for i, (blk, step) in enumerate(zip(self.vit.blocks, self.steps)):
+        for i in blocks if blocks is not None else range(self.depth):
+            blk, step = self.vit.blocks[i], self.steps[i]
             merges.enter(i, x)
             if i == self.depth - 1 and self.class_token_head:
                 x = self._prefix_block(blk, x, size, explicit_attention)

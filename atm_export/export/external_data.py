@@ -88,6 +88,7 @@ def save(model: onnx.ModelProto, path: Path, external: bool, weights_dir: Path |
     if not external:
         onnx.save(model, str(path))
         return [path]
+    data.unlink(missing_ok=True)  # onnx appends to a side file that exists
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
               size_threshold=_MIN_EXTERNAL_BYTES, convert_attribute=False)
     shutil.copymode(path, data)  # onnx creates it owner-only; it is as readable as its graph
@@ -120,19 +121,17 @@ def missing_side_files(model: onnx.ModelProto, weights_dir: Path) -> list[str]:
 def tensor_bytes(tensor: onnx.TensorProto, weights_dir: Path | None) -> bytes:
     """The serialized data of one weight, read from its side file where it lies there (the
     tensor's other fields as they are): two weights are equal when these bytes are."""
-    if not uses_external_data(tensor):
-        return tensor.SerializeToString()
-    info = ExternalDataInfo(tensor)
-    if weights_dir is None:
-        raise ValueError(f"weight {tensor.name} lies in {info.location}, and no directory was given")
-    with open(Path(weights_dir) / info.location, "rb") as f:
-        f.seek(info.offset or 0)
-        data = f.read(info.length) if info.length else f.read()
     header = onnx.TensorProto()
     header.CopyFrom(tensor)
-    del header.external_data[:]
-    header.ClearField("data_location")  # as an embedded weight serializes
-    header.raw_data = data
+    header.ClearField("data_location")  # set or not, embedded or external: the same weight
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        if weights_dir is None:
+            raise ValueError(f"weight {tensor.name} lies in {info.location}, and no directory was given")
+        with open(Path(weights_dir) / info.location, "rb") as f:
+            f.seek(info.offset or 0)
+            header.raw_data = f.read(info.length) if info.length else f.read()
+        del header.external_data[:]
     return header.SerializeToString()
 
 
@@ -169,5 +168,10 @@ def readable_file(model: onnx.ModelProto, weights_dir: Path | None) -> Iterator[
         for name in names:
             copy_file(Path(weights_dir) / name, Path(tmp) / name)
         path = Path(tmp) / "model.onnx"
-        onnx.save(model, str(path))
+        if not names and too_large(model):  # held whole in memory, too large for one file: a copy gives its up
+            held = onnx.ModelProto()
+            held.CopyFrom(model)
+            save(held, path, True)
+        else:
+            onnx.save(model, str(path))
         yield path

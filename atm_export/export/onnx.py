@@ -25,6 +25,7 @@ from ..errors import UserError
 from .. import contract
 from ..ops import onnx_translation, register_onnx_schema
 from ..patch import ATMVisionTransformer
+from .blockwise import export_blockwise
 from .lowering import MIN_OPSET, lower_model
 
 DEFAULT_OPSET = 18
@@ -64,10 +65,13 @@ def check_opset(opset: int) -> int:
     return opset
 
 
+def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
+    return example.repeat(2, 1, 1, 1) if example.shape[0] < 2 else example  # a batch of one would be specialised to 1
+
+
 def _torch_export(module: nn.Module, example: torch.Tensor, opset: int, output_names, **kwargs) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    if example.shape[0] < 2:  # a batch of one would be specialised to 1
-        example = example.repeat(2, 1, 1, 1)
+    example = _batch_of_two(example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -104,7 +108,7 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 
 def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opset: int = DEFAULT_OPSET,
                           metadata: dict | None = None, typical_tokens: list[float] | None = None,
-                          half: bool = False) -> onnx.ModelProto:
+                          half: bool = False, blockwise: bool = True) -> onnx.ModelProto:
     """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step.
 
     typical_tokens: per block, the tokens a sample run kept after that block's merge; the op's
@@ -113,13 +117,22 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
     half: an fp16-typed graph (``model.fp16.plugin.onnx``): weights and activations float16,
     merge sizes float32, ``images`` and ``logits`` float32. Strongly typed TensorRT builds
     (TensorRT 11 always) take their precision from these types. ``atm`` is left unchanged.
+    blockwise: trace each kind of block once and reuse it (``blockwise.py``: the same graph,
+    several times faster); the whole model is traced where the blocks do not fit that scheme.
     """
     check_opset(opset)
     register_onnx_schema()
     if half:
         atm = copy.deepcopy(atm).half()  # the caller's model (and the timm model it shares) stay float32
-    model = _torch_export(_ExportView(atm, typical_tokens, half).eval(), example, opset, OUTPUT_NAMES,
-                          custom_translation_table=onnx_translation())
+    model = None
+    if blockwise:
+        try:
+            model = export_blockwise(atm, _batch_of_two(example), opset, typical_tokens, half, MAX_BATCH)
+        except Exception:  # NotBlockwise, or a trace the pieces do not allow: the whole model, traced at once
+            model = None
+    if model is None:
+        model = _torch_export(_ExportView(atm, typical_tokens, half).eval(), example, opset, OUTPUT_NAMES,
+                              custom_translation_table=onnx_translation())
     merge_blocks = [i + 1 for i, step in enumerate(atm.steps) if step is not None]
     for node, block in zip([n for n in model.graph.node if contract.is_token_merge(n)], merge_blocks):
         node.name = contract.node_name(block)

@@ -44,7 +44,13 @@ def test_saving_external_gives_the_weights_up_and_reloads_them(bundle, saved, tm
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), original[tensor.name])
     embedded = {t.name: t for t in bundle.plugin.graph.initializer}
     for tensor in plugin.graph.initializer:  # by content, wherever the bytes lie
-        assert external_data.tensor_bytes(tensor, tmp_path) == embedded[tensor.name].SerializeToString()
+        assert external_data.tensor_bytes(tensor, tmp_path) == external_data.tensor_bytes(embedded[tensor.name], None)
+    for tensor in full.graph.initializer:  # onnx.load sets data_location DEFAULT on what it read: the same weight
+        assert external_data.tensor_bytes(tensor, None) == external_data.tensor_bytes(embedded[tensor.name], None)
+    changed = onnx.TensorProto()
+    changed.CopyFrom(embedded[full.graph.initializer[0].name])
+    changed.raw_data = changed.raw_data[:-1] + bytes([changed.raw_data[-1] ^ 1])
+    assert external_data.tensor_bytes(changed, None) != external_data.tensor_bytes(full.graph.initializer[0], None)
     onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
     assert (tmp_path / "model.plugin.onnx.data").stat().st_mode == (tmp_path / "model.plugin.onnx").stat().st_mode
 
