@@ -124,6 +124,8 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
     merging = [i for i, step in enumerate(atm.steps) if step is not None]
     if not merging or merging[0] >= depth - 1:
         raise NotBlockwise("no merge step before the last block")
+    if any(atm.steps[i].r is not None for i in merging):
+        raise NotBlockwise("fixed-r steps: every token count is static, and a block per count would be traced")
     first = merging[0]
     prologue = _Prologue(atm, first, typical_tokens, half).eval()
     with torch.no_grad():
@@ -167,7 +169,7 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
     cut = {key: split(whole, key, ["images"] if key == "prologue" else ["x", "size"], outs)
            for key, outs in names.items()}
     return stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
-                  first, typical_tokens, n0)
+                  typical_tokens, n0)
 
 
 def split(model: onnx.ModelProto, key: str, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
@@ -207,12 +209,12 @@ def split(model: onnx.ModelProto, key: str, inputs: list[str], outputs: list[str
     return helper.make_model(piece, ir_version=model.ir_version, opset_imports=list(model.opset_import))
 
 
-def stitch(atm, pieces: dict, uses: dict[int, int], first: int, typical_tokens, n0: int) -> onnx.ModelProto:
+def stitch(atm, pieces: dict, uses: dict[int, int], typical_tokens, n0: int) -> onnx.ModelProto:
     """One graph from the pieces: the prologue, block b of ``uses`` as a copy of the piece of
     block ``uses[b]`` (its weights and merge attributes replaced by block b's), the epilogue."""
     prologue = pieces["prologue"]
     graph = helper.make_graph([], "atm_vit", [prologue.graph.input[0]], [])
-    params = {name: tensor for name, tensor in nn.ModuleDict({"atm": atm}).state_dict(keep_vars=True).items()}
+    params = nn.ModuleDict({"atm": atm}).state_dict(keep_vars=True)  # by the names the trace gives them
     added: set[str] = set()
     add = _Adder(graph, params, added)
     outs = add(prologue, "prologue/", {"images": "images"})
@@ -234,11 +236,16 @@ def stitch(atm, pieces: dict, uses: dict[int, int], first: int, typical_tokens, 
     logits_info = onnx.ValueInfoProto()
     logits_info.CopyFrom(pieces["epilogue"].graph.output[0])
     logits_info.name = "logits"
-    logits_info.type.tensor_type.shape.dim[0].CopyFrom(graph.input[0].type.tensor_type.shape.dim[0])  # images' batch
     graph.output.extend([logits_info, helper.make_tensor_value_info("tokens_per_layer", TensorProto.INT64,
                                                                     [atm.depth])])
-    model = helper.make_model(graph, ir_version=prologue.ir_version, opset_imports=list(prologue.opset_import))
-    return _optimized(model, add.weights)
+    model = _optimized(helper.make_model(graph, ir_version=prologue.ir_version,
+                                         opset_imports=list(prologue.opset_import)), add.weights)
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for info in (*model.graph.value_info, *model.graph.output):  # one batch dimension, as a whole trace names it
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param.startswith(f"{batch}_"):
+                dim.dim_param = batch
+    return model
 
 
 class _Adder:
