@@ -18,7 +18,6 @@ from dataclasses import astuple
 
 from . import contract
 from . import merge as M
-from .schedule import StepSpec
 
 
 @torch.library.custom_op("atm_export::token_merge", mutates_args=())
@@ -48,16 +47,6 @@ def _token_merge_fake(x, size, metric, threshold, fixed_r, split_mode, num_prote
     else:  # data-dependent (at most floor((N - P) / 2) tokens go)
         n_out = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((batch, n_out, c)), size.new_empty((batch, n_out)), torch.empty((), dtype=torch.int64)
-
-
-def token_merge_op(x, size, metric, step: StepSpec, num_protected: int, opt_num_tokens: int = -1,
-                   max_num_tokens: int = -1):
-    """Call the custom op for one block's StepSpec. Returns (x, size, num_tokens).
-
-    opt_num_tokens, max_num_tokens: the node's hints for TensorRT (contract.Attributes; -1: unknown).
-    """
-    return token_merge_call(x, size, metric, contract.Attributes.for_step(step, num_protected, opt_num_tokens,
-                                                                         max_num_tokens))
 
 
 def token_merge_call(x, size, metric, attributes: contract.Attributes):

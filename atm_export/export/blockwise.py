@@ -24,6 +24,7 @@ exports the whole model.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -290,7 +291,7 @@ class _Adder:
 
     def _weight(self, init: onnx.TensorProto, prefix: str, swap: tuple[int, int] | None) -> str:
         if not init.name.startswith(PARAM_PREFIX):  # a constant of the trace (shapes, scalars)
-            if init.dims and int(torch.tensor(list(init.dims)).prod()) > 64:
+            if math.prod(init.dims) > 64:
                 raise NotBlockwise(f"a piece holds a large constant {init.name} that is not a parameter")
             new, tensor = prefix + init.name, None
         else:
