@@ -240,6 +240,12 @@ def remove_stale_staging(directory: Path) -> list[Path]:
     return removed
 
 
+def user_cache_dir() -> Path:
+    """Where runs keep what later runs reuse (TensorRT's timing cache, the export's traces):
+    ``$XDG_CACHE_HOME/atm-export``, by default ``~/.cache/atm-export``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atm-export"
+
+
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename: never half a file.
     UserError (one line) when it cannot be written."""

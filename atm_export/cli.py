@@ -206,6 +206,9 @@ def _overrides(kw: dict) -> dict:
 @click.option("--trt-timing-cache", metavar="PATH",
               help="Engine: timing cache file, read before and updated after every build so that later builds skip "
                    "timing kernels again (default: ~/.cache/atm-export/tensorrt.timing-cache; 'none' for no cache).")
+@click.option("--trace-cache", metavar="DIR",
+              help="Export: keep the block-by-block trace here, so that a later export of the same architecture and merge "
+                   "pattern skips torch.export (default: ~/.cache/atm-export/traces; 'none' to trace every time).")
 @click.option("--visualize", is_flag=True, help="Draw merge maps of the sample images (merge_maps.png).")
 @click.option("--visualize-blocks", callback=lambda c, p, v: _int_list(v, 1, "expected block numbers of at least 1"),
               help="Blocks after which to draw the merge maps (default: the split layer and the last merge).")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Tests never reach a model hub; the pipeline's hub path is tested for its error instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Runs keep caches (traces, TensorRT timings) under $XDG_CACHE_HOME: the tests' own, not the user's.
+_CACHE_HOME = tempfile.TemporaryDirectory(prefix="atm-export-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME.name
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # The three model kinds every test of patching and export runs on.

@@ -91,10 +91,9 @@ class EngineSpec:
 
 def default_timing_cache() -> Path:
     """Where builds keep their timing cache unless told otherwise ($XDG_CACHE_HOME/atm-export)."""
-    import os
+    from ..artifacts import user_cache_dir
 
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "atm-export" / "tensorrt.timing-cache"
+    return user_cache_dir() / "tensorrt.timing-cache"
 
 
 def _attach_timing_cache(config, path: str | None):

@@ -20,6 +20,10 @@ parameter of its block, not a constant folded from it). The numbers are the same
 weights; tests compare the result with the whole-model export, and every run checks it against
 eager PyTorch. :class:`NotBlockwise` says when a model does not fit the scheme; the caller then
 exports the whole model.
+
+The one trace depends on the architecture and on which blocks merge, not on the weights or the
+steps' settings, so ``trace_cache.py`` can keep it on disk: a later export of such a model skips
+torch.export and only stitches.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .. import contract
+from .trace_cache import TraceCache
 
 #: Tensor names inside a piece that are the model's parameters (kept, and swapped per block).
 PARAM_PREFIX = "atm."
@@ -118,9 +123,10 @@ class _Pieces(nn.Module):
 
 
 def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, half: bool,
-                     max_batch: int) -> onnx.ModelProto:
+                     max_batch: int, cache: TraceCache | None = None) -> onnx.ModelProto:
     """The plugin flavour's graph (before node names, casts and metadata), traced piecewise.
-    ``example``: a batch of at least 2 images. NotBlockwise when the model does not fit."""
+    ``example``: a batch of at least 2 images. NotBlockwise when the model does not fit.
+    ``cache``: where the trace is looked up first, and kept after tracing (trace_cache.py)."""
     depth = atm.depth
     merging = [i for i, step in enumerate(atm.steps) if step is not None]
     if not merging or merging[0] >= depth - 1:
@@ -128,42 +134,27 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
     if any(atm.steps[i].r is not None for i in merging):
         raise NotBlockwise("fixed-r steps: every token count is static, and a block per count would be traced")
     first = merging[0]
-    prologue = _Prologue(atm, first, typical_tokens, half).eval()
-    with torch.no_grad():
-        x, size, _, _ = prologue(example)
     n0 = int(atm._embed(example[:1].half() if half else example[:1]).shape[1])
-    states = {}  # block -> (tokens, sizes) entering it, for the representatives' examples
-    with torch.no_grad():
-        for block in range(first + 1, depth):
-            states[block] = (x, size)
-            out = _Middle(atm, block, n0, typical_tokens)(x, size)
-            x, size = (out[0], out[1]) if isinstance(out, tuple) else (out, size)
     representative = {}
     for block in range(first + 1, depth - 1):
         representative.setdefault(_kind(atm, block), block)
-    # piece key -> (module, output names); the prologue first, the epilogue last
-    pieces = {block: (_Middle(atm, block, n0, typical_tokens),
-                      ["x_out", "size_out", "count"] if atm.steps[block] is not None else ["x_out"])
-              for block in representative.values()}
-    pieces["epilogue"] = (_Epilogue(atm, n0, typical_tokens, half), ["logits"])
-    entering = {key: states[depth - 1 if key == "epilogue" else key] for key in pieces}
-    # each piece its own batch and token dims: a shared one would be read from whichever input holds it first
-    dims = [(torch.export.Dim(f"batch_{key}", min=1, max=max_batch), torch.export.Dim(f"tokens_{key}", min=1, max=n0))
-            for key in pieces]
-    names = {"prologue": ["x", "size", "count", "counts"], **{key: outs for key, (_, outs) in pieces.items()}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        from ..ops import onnx_translation
-
-        program = torch.onnx.export(
-            _Pieces(prologue, [module for module, _ in pieces.values()]).eval(),
-            (example, [t for key in pieces for t in entering[key]]), dynamo=True, opset_version=opset,
-            input_names=["prologue__images"] + [f"{key}__{n}" for key in pieces for n in ("x", "size")],
-            output_names=[f"{key}__{n}" for key, outs in names.items() for n in outs],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=max_batch)},
-                            [{0: batch, 1: tokens} for batch, tokens in dims for _ in range(2)]),
-            verbose=False, optimize=False, custom_translation_table=onnx_translation())
-    whole = program.model_proto
+    # piece key -> output names; the prologue first, the epilogue last
+    names = {"prologue": ["x", "size", "count", "counts"],
+             **{block: ["x_out", "size_out", "count"] if atm.steps[block] is not None else ["x_out"]
+                for block in representative.values()},
+             "epilogue": ["logits"]}
+    inputs = ["prologue__images"] + [f"{key}__{n}" for key in list(names)[1:] for n in ("x", "size")]
+    outputs = [f"{key}__{n}" for key, outs in names.items() for n in outs]
+    whole, key = None, None
+    if cache is not None:
+        key = cache.key(atm, opset=opset, half=half, max_batch=max_batch, images=tuple(example.shape[1:]),
+                        dtype=str(example.dtype), kinds=tuple(_kind(atm, b) for b in range(depth)),
+                        representative=tuple(sorted(representative.items())))
+        whole = cache.load(key, inputs, outputs)
+    if whole is None:
+        whole = _trace(atm, example, opset, typical_tokens, half, max_batch, first, n0, names, inputs, outputs)
+        if cache is not None:
+            cache.store(key, whole, lambda name: _PIECE_PATH.sub("", name).startswith(PARAM_PREFIX))
     if whole.functions or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                               for n in whole.graph.node for a in n.attribute):
         raise NotBlockwise("the trace has functions or subgraphs")
@@ -171,6 +162,40 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
            for key, outs in names.items()}
     return stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
                   typical_tokens, n0)
+
+
+def _trace(atm, example: torch.Tensor, opset: int, typical_tokens, half: bool, max_batch: int, first: int,
+           n0: int, names: dict, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The one torch.onnx.export call: every piece of ``names`` (its key -> its output names)
+    traced on the tokens that enter its block when the model runs ``example``."""
+    depth = atm.depth
+    prologue = _Prologue(atm, first, typical_tokens, half).eval()
+    with torch.no_grad():
+        x, size, _, _ = prologue(example)
+    states = {}  # block -> (tokens, sizes) entering it, for the pieces' examples
+    with torch.no_grad():
+        for block in range(first + 1, depth):
+            states[block] = (x, size)
+            out = _Middle(atm, block, n0, typical_tokens)(x, size)
+            x, size = (out[0], out[1]) if isinstance(out, tuple) else (out, size)
+    pieces = [_Middle(atm, key, n0, typical_tokens) for key in names if key not in ("prologue", "epilogue")]
+    pieces.append(_Epilogue(atm, n0, typical_tokens, half))
+    keys = list(names)[1:]
+    entering = [t for key in keys for t in states[depth - 1 if key == "epilogue" else key]]
+    # each piece its own batch and token dims: a shared one would be read from whichever input holds it first
+    dims = [(torch.export.Dim(f"batch_{key}", min=1, max=max_batch), torch.export.Dim(f"tokens_{key}", min=1, max=n0))
+            for key in keys]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        from ..ops import onnx_translation
+
+        program = torch.onnx.export(
+            _Pieces(prologue, pieces).eval(), (example, entering), dynamo=True, opset_version=opset,
+            input_names=inputs, output_names=outputs,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=max_batch)},
+                            [{0: batch, 1: tokens} for batch, tokens in dims for _ in range(2)]),
+            verbose=False, optimize=False, custom_translation_table=onnx_translation())
+    return program.model_proto
 
 
 def split(model: onnx.ModelProto, key: str, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
@@ -219,6 +244,8 @@ def stitch(atm, pieces: dict, uses: dict[int, int], typical_tokens, n0: int) -> 
     added: set[str] = set()
     add = _Adder(graph, params, added)
     outs = add(prologue, "prologue/", {"images": "images"})
+    first = next(i for i, step in enumerate(atm.steps) if step is not None)
+    _retune_merge_nodes(graph, prologue, first, atm, typical_tokens, n0, "prologue/")
     x, size, count = outs["x"], outs["size"], outs["count"]
     counts = [outs["counts"]]
     for block, source in uses.items():
@@ -232,6 +259,7 @@ def stitch(atm, pieces: dict, uses: dict[int, int], typical_tokens, n0: int) -> 
     last = atm.depth - 1
     counts.append(_unsqueezed(graph, count, last, added))
     outs = add(pieces["epilogue"], "epilogue/", {"x": x, "size": size})
+    _retune_merge_nodes(graph, pieces["epilogue"], last, atm, typical_tokens, n0, "epilogue/")
     graph.node.append(helper.make_node("Identity", [outs["logits"]], ["logits"], name="logits_out"))
     graph.node.append(helper.make_node("Concat", counts, ["tokens_per_layer"], name="tokens_per_layer_concat", axis=0))
     logits_info = onnx.ValueInfoProto()
@@ -272,6 +300,9 @@ class _Adder:
         for node in g.node:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
+            # the exporter's notes (stack trace, FX node with its arguments) describe the traced
+            # piece, not this copy of it: another block's, or (from the trace cache) another run's
+            copy.ClearField("metadata_props")
             copy.name = prefix + node.name
             copy.input[:] = [name(v) for v in node.input]
             copy.output[:] = [name(v) for v in node.output]
@@ -321,10 +352,15 @@ class _Adder:
 def _retune_merge_nodes(graph: onnx.GraphProto, piece: onnx.ModelProto, block: int, atm, typical_tokens,
                         n0: int, prefix: str) -> None:
     """Give the TokenMerge node copied for ``block`` that block's attributes (threshold, r, ...,
-    and TensorRT's hints), as the whole-model export would."""
+    and TensorRT's hints), as the whole-model export would: a piece was traced for another block,
+    or (from the trace cache) for another run's settings."""
     from ..patch import _OpMerges
 
     names = {prefix + n.name for n in piece.graph.node if contract.is_token_merge(n)}
+    if not names:
+        return
+    if len(names) > 1:
+        raise NotBlockwise(f"the piece copied for block {block} has {len(names)} merge steps")
     values = _OpMerges(atm, n0, typical_tokens).attributes(block, atm.steps[block]).onnx()
     for node in graph.node:
         if node.name in names:

@@ -26,6 +26,7 @@ from .. import contract
 from ..ops import onnx_translation, register_onnx_schema
 from ..patch import ATMVisionTransformer
 from .blockwise import export_blockwise
+from .trace_cache import TraceCache
 from .lowering import MIN_OPSET, lower_model
 
 DEFAULT_OPSET = 18
@@ -108,7 +109,8 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 
 def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opset: int = DEFAULT_OPSET,
                           metadata: dict | None = None, typical_tokens: list[float] | None = None,
-                          half: bool = False, blockwise: bool = True) -> onnx.ModelProto:
+                          half: bool = False, blockwise: bool = True,
+                          trace_cache: TraceCache | None = None) -> onnx.ModelProto:
     """``model.plugin.onnx``: the patched model with one TokenMerge node per merge step.
 
     typical_tokens: per block, the tokens a sample run kept after that block's merge; the op's
@@ -119,6 +121,8 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
     (TensorRT 11 always) take their precision from these types. ``atm`` is left unchanged.
     blockwise: trace each kind of block once and reuse it (``blockwise.py``: the same graph,
     several times faster); the whole model is traced where the blocks do not fit that scheme.
+    trace_cache: where blockwise traces are looked up and kept (``trace_cache.py``: the same graph
+    again without torch.export); None traces every time.
     """
     check_opset(opset)
     register_onnx_schema()
@@ -127,7 +131,8 @@ def export_plugin_flavour(atm: ATMVisionTransformer, example: torch.Tensor, opse
     model = None
     if blockwise:
         try:
-            model = export_blockwise(atm, _batch_of_two(example), opset, typical_tokens, half, MAX_BATCH)
+            model = export_blockwise(atm, _batch_of_two(example), opset, typical_tokens, half, MAX_BATCH,
+                                     trace_cache)
         except Exception:  # NotBlockwise, or a trace the pieces do not allow: the whole model, traced at once
             model = None
     if model is None:

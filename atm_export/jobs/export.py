@@ -62,6 +62,7 @@ class JobOptions(RuntimeChoices):
     trt_opt_batch: int | None = None
     trt_max_batch: int | None = None
     trt_timing_cache: str | None = None  # None: the default file; "none": no timing cache
+    trace_cache: str | None = None  # blockwise traces kept for later exports; None: the default directory; "none": off
     visualize: bool = False
     visualize_blocks: tuple[int, ...] | None = None  # default: the split layer and the last merge
     backends: str | None = None  # --backends: which backends run (atm_export.backends.select); None: all
@@ -223,18 +224,21 @@ def export(model: Model, stats, opts: JobOptions, writer: ArtifactWriter, skippe
     metadata = {"model": model.entry.display_name, "timm_name": model.entry.timm_name,
                 "params": run_params(model.settings.config, model.atm), "preset": model.settings.to_dict()["preset"],
                 "weights": model.weights.to_dict(), **deployment_info(model)}
+    cache = trace_cache(opts)
     with console.step("exporting model.plugin.onnx (one TokenMerge node per merge step)"):
         with console.progress(1 + opts.benchmark, unit="graph") as advance:  # the fp16 graph counts with its flavour
             kept = [t - r for t, r in zip(stats.tokens_per_layer, stats.r_per_layer)]
-            bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept)
+            bundle.plugin = export_plugin_flavour(model.atm, example, opts.opset, metadata, typical_tokens=kept,
+                                                  trace_cache=cache)
             save_checked(bundle.plugin, "plugin", writer, "model.plugin.onnx", opts.external_data)
             if opts.trt_precision == "fp16":
-                save_fp16(model.atm, example, opts, metadata, writer, "model.fp16.plugin.onnx", kept)
+                save_fp16(model.atm, example, opts, metadata, writer, "model.fp16.plugin.onnx", kept, cache)
             advance()
             if opts.benchmark:
                 bundle.baseline = export_baseline(model.atm.vit, example, opts.opset)
                 save_baseline(bundle, writer, opts.external_data)
                 advance("and the unmerged baseline, for the benchmarks")
+        report_trace_cache(cache, console)
     with console.step("lowering the merge steps to standard ops: model.onnx"):
         bundle.portable = portable_flavour(bundle.plugin)
         save_checked(bundle.portable, "portable", writer, "model.onnx", opts.external_data)
@@ -272,12 +276,36 @@ def export_static(bundle: Bundle, model: Model, stats, opts: JobOptions, writer:
 
 
 def save_fp16(atm, example: torch.Tensor, opts: JobOptions, metadata: dict, writer: ArtifactWriter, name: str,
-              typical_tokens: list[float] | None = None) -> None:
+              typical_tokens: list[float] | None = None, cache=None) -> None:
     """The fp16-typed plugin graph of ``atm`` (what --trt-precision fp16 engines are built from)."""
     from ..export.onnx import export_plugin_flavour
 
-    graph = export_plugin_flavour(atm, example, opts.opset, metadata, typical_tokens=typical_tokens, half=True)
+    graph = export_plugin_flavour(atm, example, opts.opset, metadata, typical_tokens=typical_tokens, half=True,
+                                  trace_cache=cache)
     save_checked(graph, "plugin", writer, name, opts.external_data)
+
+
+#: ``--trace-cache none``: trace every export.
+NO_TRACE_CACHE = "none"
+
+
+def trace_cache(opts: JobOptions):
+    """The trace cache of this run's exports (export/trace_cache.py), or None (--trace-cache none)."""
+    from ..export.trace_cache import TraceCache, default_directory
+
+    if opts.trace_cache == NO_TRACE_CACHE:
+        return None
+    return TraceCache(Path(opts.trace_cache) if opts.trace_cache else default_directory())
+
+
+def report_trace_cache(cache, console: Console) -> None:
+    """Say where the export's trace came from, and why the cache could not keep it."""
+    if cache is None:
+        return
+    if cache.hits:
+        console.note(f"traced blocks reused from the trace cache ({cache.directory}); --trace-cache none traces anew")
+    for error in cache.write_errors:
+        console.warn(f"the trace cache cannot keep this trace ({error}); later exports will trace again")
 
 
 def save_checked(graph, flavour: str, writer: ArtifactWriter, name: str, external: bool) -> None:
