@@ -145,19 +145,19 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
              "epilogue": ["logits"]}
     inputs = ["prologue__images"] + [f"{key}__{n}" for key in list(names)[1:] for n in ("x", "size")]
     outputs = [f"{key}__{n}" for key, outs in names.items() for n in outs]
-    whole, key = None, None
+    whole, cache_key = None, None
     if cache is not None:
-        key = cache.key(atm, opset=opset, half=half, max_batch=max_batch, images=tuple(example.shape[1:]),
-                        dtype=str(example.dtype), kinds=tuple(_kind(atm, b) for b in range(depth)),
-                        representative=tuple(sorted(representative.items())))
-        whole = cache.load(key, inputs, outputs)
+        cache_key = cache.key(atm, opset=opset, half=half, max_batch=max_batch, images=tuple(example.shape[1:]),
+                              dtype=str(example.dtype), kinds=tuple(_kind(atm, b) for b in range(depth)),
+                              representative=tuple(sorted(representative.items())))
+        whole = cache.load(cache_key, inputs, outputs)
     if whole is None:
         whole = _trace(atm, example, opset, typical_tokens, half, max_batch, first, n0, names, inputs, outputs)
+        if whole.functions or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                  for n in whole.graph.node for a in n.attribute):
+            raise NotBlockwise("the trace has functions or subgraphs")
         if cache is not None:
-            cache.store(key, whole, lambda name: _PIECE_PATH.sub("", name).startswith(PARAM_PREFIX))
-    if whole.functions or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                              for n in whole.graph.node for a in n.attribute):
-        raise NotBlockwise("the trace has functions or subgraphs")
+            cache.store(cache_key, whole, lambda name: _PIECE_PATH.sub("", name).startswith(PARAM_PREFIX))
     cut = {key: split(whole, key, ["images"] if key == "prologue" else ["x", "size"], outs)
            for key, outs in names.items()}
     return stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
