@@ -11,6 +11,8 @@ key of everything it depends on:
   (any change to the code that is traced or translates it gives new keys);
 - every module of the patched model: its path, its class, and its plain attributes (heads,
   eps, pooling, prefix tokens, flags: what the model code branches on);
+- the source files that define those classes and their bases (a model of one's own, edited
+  between two exports, is traced anew);
 - every parameter's and buffer's name, shape and dtype;
 - what the caller traced: opset, dtype, batch limit, image shape, which blocks merge, and which
   block stood for each kind.
@@ -26,6 +28,7 @@ import functools
 import hashlib
 import itertools
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +64,8 @@ class TraceCache:
                                 _plain_attributes(module))).encode())
         for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
             digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
+        for path in _class_files(model):
+            digest.update(_file_bytes(path))
         return digest.hexdigest()
 
     def path(self, key: str) -> Path:
@@ -126,6 +131,24 @@ def _versions() -> tuple:
     from .. import __version__
 
     return __version__, torch.__version__, timm.__version__, onnx.__version__, onnxscript.__version__, onnx_ir.__version__
+
+
+def _class_files(model) -> list[str]:
+    """The source files of the classes of ``model``'s modules and of their bases, sorted."""
+    files = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+            if path:
+                files.add(path)
+    return sorted(files)
+
+
+def _file_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # gone since import: the key still names the file
+        return b""
 
 
 @functools.cache

@@ -75,6 +75,23 @@ def test_the_key_follows_the_architecture_and_what_was_traced_not_the_weights_or
     assert cache.key(patch_model(distilled, FIRST), opset=18, half=False) != key
 
 
+def test_the_key_follows_the_source_of_a_model_of_ones_own(tmp_path, monkeypatch):
+    """A model class edited between two exports (same names, shapes and attributes) is traced anew."""
+    import importlib
+
+    source = tmp_path / "my_vit.py"
+    source.write_text("from timm.models.vision_transformer import VisionTransformer\n\n"
+                      "class MyViT(VisionTransformer):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("my_vit")
+    make = lambda: module.MyViT(embed_dim=192, depth=4, num_heads=3).eval()  # noqa: E731
+    cache = TraceCache(tmp_path)
+    key = cache.key(patch_model(make(), FIRST), opset=18)
+    assert cache.key(patch_model(make(), FIRST), opset=18) == key
+    source.write_text(source.read_text() + "    # forward changed here\n")
+    assert cache.key(patch_model(make(), FIRST), opset=18) != key
+
+
 def _tiny_model(outputs=("y",)) -> onnx.ModelProto:
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Add", ["x", "atm.w"], [outputs[0]])], "g",
