@@ -1,11 +1,11 @@
 """Traces kept on disk, so that a model exported once exports again without torch.export.
 
 The block-by-block export (``blockwise.py``) makes one ``torch.onnx.export`` call, and that call
-is most of an export's time: about 7 of DeiT-T's 9 s, seconds of it a fixed cost of the exporter
-(docs/benchmarks.md). What it gives depends on the model's architecture and on which blocks
+is most of an export's time: about 8.5 of DeiT-T's 10.5 s, seconds of it a fixed cost of the
+exporter (docs/benchmarks.md). What it gives depends on the model's architecture and on which blocks
 merge, not on the weights nor on a step's settings (threshold, split, weighting): ``stitch``
-fills those in afterwards. So a trace is kept, without its parameters' bytes (kilobytes), under a
-key of everything it depends on:
+fills those in afterwards. So a trace is kept, without its parameters' bytes (0.4 MB for DeiT-T),
+under a key of everything it depends on:
 
 - the versions of atm-export, torch, timm and the ONNX packages, and atm-export's own source
   (any change to the code that is traced or translates it gives new keys);
@@ -147,7 +147,7 @@ def _class_files(model) -> list[str]:
 def _file_bytes(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
-    except OSError:  # gone since import: the key still names the file
+    except OSError:  # removed since it was imported: the loaded class is all there is
         return b""
 
 
