@@ -423,7 +423,7 @@ def token_merge(
     if threshold is not None:
         counts = count_above(score, threshold)
         n_merge = batch_adaptive_r(counts, cap)
-        margin = float((score - threshold).abs().min()) if score.numel() else None
+        margin = float((score.detach() - threshold).abs().min()) if score.numel() else None  # a statistic, not a graph
     elif intensity is not None:
         rho = redundancy(score)
         counts = intensity_counts(rho, intensity)

@@ -38,10 +38,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from .. import contract
-from .trace_cache import TraceCache
+from .trace_cache import TraceCache, Uncacheable, settings
 
 #: Tensor names inside a piece that are the model's parameters (kept, and swapped per block).
 PARAM_PREFIX = "atm."
+#: Attributes of the patched model that the trace does not depend on: the steps' settings reach
+#: the graph only as TokenMerge attributes, which ``stitch`` sets (the kinds follow which merge).
+REFILLED = frozenset({"config", "steps", "last_stats"})
 #: How the one trace names a parameter: by the path of the piece that uses it first.
 _PIECE_PATH = re.compile(r"^(prologue|others\.\d+)\.")
 
@@ -98,11 +101,17 @@ class _Epilogue(nn.Module):
         return logits.float() if self.half else logits
 
 
-def _kind(atm, block: int) -> str:
-    """Blocks of one kind trace to the same graph but for weights and merge attributes: the
+def _kind(atm, block: int) -> tuple:
+    """Blocks of one kind trace to the same graph but for weights and merge attributes. The
     model code does not branch on a step's settings (split, count rule, weighting), which all
-    travel as the TokenMerge node's attributes."""
-    return "plain" if atm.steps[block] is None else "merge"
+    travel as the TokenMerge node's attributes; it does on the block's modules and their
+    settings (heads, eps, ...), which are therefore part of the kind."""
+    try:
+        modules = tuple((name, type(module).__qualname__, settings(module))
+                        for name, module in atm.vit.blocks[block].named_modules())
+    except Uncacheable as exc:
+        raise NotBlockwise(f"block {block} cannot be compared with the others: {exc}") from None
+    return ("plain" if atm.steps[block] is None else "merge", modules)
 
 
 class _Pieces(nn.Module):
@@ -145,23 +154,32 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
              "epilogue": ["logits"]}
     inputs = ["prologue__images"] + [f"{key}__{n}" for key in list(names)[1:] for n in ("x", "size")]
     outputs = [f"{key}__{n}" for key, outs in names.items() for n in outs]
-    whole, cache_key = None, None
+    cache_key = whole = None
     if cache is not None:
-        cache_key = cache.key(atm, opset=opset, half=half, max_batch=max_batch, images=tuple(example.shape[1:]),
-                              dtype=str(example.dtype), kinds=tuple(_kind(atm, b) for b in range(depth)),
-                              representative=tuple(sorted(representative.items())))
-        whole = cache.load(cache_key, inputs, outputs)
-    if whole is None:
+        try:
+            cache_key = cache.key(atm, refilled=REFILLED, opset=opset, half=half, max_batch=max_batch,
+                                  images=tuple(example.shape[1:]), dtype=str(example.dtype),
+                                  kinds=tuple(_kind(atm, b) for b in range(depth)),
+                                  representative=tuple(representative.items()))
+        except Uncacheable as exc:
+            cache.unused = str(exc)
+        else:
+            whole = cache.load(cache_key, inputs, outputs)
+    cached = whole is not None
+    if not cached:
         whole = _trace(atm, example, opset, typical_tokens, half, max_batch, first, n0, names, inputs, outputs)
         if whole.functions or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                   for n in whole.graph.node for a in n.attribute):
             raise NotBlockwise("the trace has functions or subgraphs")
-        if cache is not None:
-            cache.store(cache_key, whole, lambda name: _PIECE_PATH.sub("", name).startswith(PARAM_PREFIX))
     cut = {key: split(whole, key, ["images"] if key == "prologue" else ["x", "size"], outs)
            for key, outs in names.items()}
-    return stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
-                  typical_tokens, n0)
+    model = stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
+                   typical_tokens, n0)
+    if cached:
+        cache.hits += 1
+    elif cache_key is not None:  # only a trace that stitched is kept
+        cache.store(cache_key, whole, lambda name: _PIECE_PATH.sub("", name).startswith(PARAM_PREFIX))
+    return model
 
 
 def _trace(atm, example: torch.Tensor, opset: int, typical_tokens, half: bool, max_batch: int, first: int,

@@ -304,6 +304,8 @@ def report_trace_cache(cache, console: Console) -> None:
         return
     if cache.hits:
         console.note(f"traced blocks reused from the trace cache ({cache.directory}); --trace-cache none traces anew")
+    if cache.unused:
+        console.note(f"the trace cache does not follow this model ({cache.unused}): traced, not kept")
     for error in cache.write_errors:
         console.warn(f"the trace cache cannot keep this trace ({error}); later exports will trace again")
 

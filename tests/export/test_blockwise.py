@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper
 
 from atm_export import MergeConfig, contract, patch_model
@@ -81,3 +82,24 @@ def test_a_model_merging_only_in_its_last_block_is_traced_whole(flat_images):
         export_blockwise(atm, flat_images[:2], 18, None, False, 64)
     model = export_plugin_flavour(atm, flat_images[:2])
     assert [n.name for n in model.graph.node if n.op_type == "TokenMerge"] == [contract.node_name(atm.depth)]
+
+
+def test_a_block_with_other_settings_is_traced_for_itself(flat_images, monkeypatch):
+    """A middle block with 6 heads where the others have 3 (the same weight shapes): it is not
+    given another block's graph (whose reshapes split 3 heads), so the export matches eager."""
+    vit = make_model("deit_tiny")
+    attn = vit.blocks[5].attn
+    attn.num_heads, attn.head_dim, attn.scale = 6, 32, 32 ** -0.5
+    atm = patch_model(vit, CONFIG)
+    assert atm.steps[5] is not None and atm.steps[4] is not None  # block 4 would stand for it otherwise
+
+    def whole_trace(*args, **kwargs):
+        raise AssertionError("fell back to the whole-model trace")
+
+    monkeypatch.setattr(export_onnx, "_torch_export", whole_trace)
+    model = export_plugin_flavour(atm, flat_images[:2])
+    with torch.no_grad():
+        logits, tokens = atm.forward_export(flat_images[:3])
+    got_logits, got_tokens = _outputs(model, flat_images[:3].numpy(), True)
+    assert got_tokens == tokens.tolist()
+    np.testing.assert_allclose(got_logits, logits.numpy(), atol=1e-4, rtol=1e-4)
