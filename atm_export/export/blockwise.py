@@ -144,9 +144,10 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
         raise NotBlockwise("fixed-r steps: every token count is static, and a block per count would be traced")
     first = merging[0]
     n0 = int(atm._embed(example[:1].half() if half else example[:1]).shape[1])
+    kinds = [_kind(atm, block) for block in range(depth)]
     representative = {}
     for block in range(first + 1, depth - 1):
-        representative.setdefault(_kind(atm, block), block)
+        representative.setdefault(kinds[block], block)
     # piece key -> output names; the prologue first, the epilogue last
     names = {"prologue": ["x", "size", "count", "counts"],
              **{block: ["x_out", "size_out", "count"] if atm.steps[block] is not None else ["x_out"]
@@ -159,7 +160,7 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
         try:
             cache_key = cache.key(atm, refilled=REFILLED, opset=opset, half=half, max_batch=max_batch,
                                   images=tuple(example.shape[1:]), dtype=str(example.dtype),
-                                  kinds=tuple(_kind(atm, b) for b in range(depth)),
+                                  kinds=tuple(kinds),
                                   representative=tuple(representative.items()))
         except Uncacheable as exc:
             cache.unused = str(exc)
@@ -173,7 +174,7 @@ def export_blockwise(atm, example: torch.Tensor, opset: int, typical_tokens, hal
             raise NotBlockwise("the trace has functions or subgraphs")
     cut = {key: split(whole, key, ["images"] if key == "prologue" else ["x", "size"], outs)
            for key, outs in names.items()}
-    model = stitch(atm, cut, {b: representative[_kind(atm, b)] for b in range(first + 1, depth - 1)},
+    model = stitch(atm, cut, {b: representative[kinds[b]] for b in range(first + 1, depth - 1)},
                    typical_tokens, n0)
     if cached:
         cache.hits += 1

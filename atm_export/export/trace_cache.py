@@ -31,13 +31,15 @@ import functools
 import hashlib
 import inspect
 import itertools
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from torch import nn
+
+from ..artifacts import user_cache_dir, write_atomic
+from ..errors import UserError
 
 #: The file name's suffix of a cached trace (the key is its stem).
 SUFFIX = ".trace.onnx"
@@ -45,8 +47,6 @@ SUFFIX = ".trace.onnx"
 
 def default_directory() -> Path:
     """Where runs keep their traces unless told otherwise: ``$XDG_CACHE_HOME/atm-export/traces``."""
-    from ..artifacts import user_cache_dir
-
     return user_cache_dir() / "traces"
 
 
@@ -114,19 +114,10 @@ class TraceCache:
         try:
             kept = _without_parameter_bytes(model, is_parameter)
             kept.metadata_props.add(key=DIGEST_KEY, value=hashlib.sha256(kept.SerializeToString()).hexdigest())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-            try:
-                os.fchmod(fd, 0o666 & ~_umask())  # as any file this user writes (mkstemp makes it 0600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(kept.SerializeToString())
-                os.replace(partial, path)
-            except BaseException:
-                Path(partial).unlink(missing_ok=True)
-                raise
+            write_atomic(path, kept.SerializeToString())
         except Exception as exc:  # a cache that cannot keep a trace costs time, not the run
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-            self.write_errors.append(f"{path.parent}: {reason}")
+            self.write_errors.append(str(exc) if isinstance(exc, UserError)  # "cannot write PATH: why"
+                                     else f"{path}: {type(exc).__name__}: {exc}")
 
 
 def settings(module, ignored=()) -> tuple:
@@ -153,7 +144,7 @@ def _data(value) -> bool:
 
 
 #: Attributes every nn.Module has (parameters, buffers, submodules, hooks); hooks are checked apart.
-_MODULE_MACHINERY = frozenset(vars(__import__("torch").nn.Module()))
+_MODULE_MACHINERY = frozenset(vars(nn.Module()))
 
 
 def _hooks(module) -> bool:
@@ -201,12 +192,6 @@ def _pop_digest(model: onnx.ModelProto) -> str | None:
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     return digest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _versions() -> tuple:
